@@ -1,0 +1,40 @@
+"""Secrets are masked in every line that leaves a process."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from collector import logs
+
+
+def test_known_secrets_and_password_shapes_are_masked() -> None:
+    redactor = logs.Redactor()
+    redactor.add("pa55word", None, "")
+    assert redactor.redact("auth pa55word failed") == f"auth {logs.MASK} failed"
+    assert logs.MASK in redactor.redact("host=x password='it''s' user=y")
+    assert "it''s" not in redactor.redact("host=x password='it''s' user=y")
+    assert redactor.redact("redis://:topsecret@h:6379/0") == f"redis://:{logs.MASK}@h:6379/0"
+    assert "s3" not in redactor.redact("postgresql://u:s3@h/db")
+
+
+def test_one_line_flattens_and_bounds() -> None:
+    logs.REDACTOR.add("xyzzy-secret")
+    text = logs.one_line("line one\nline two xyzzy-secret\n" + "x" * 1000, limit=100)
+    assert "\n" not in text
+    assert "xyzzy-secret" not in text
+    assert len(text) == 100
+
+
+def test_formatter_masks_tracebacks(capsys: pytest.CaptureFixture[str]) -> None:
+    logs.setup("test", "info")
+    logs.REDACTOR.add("trace-secret")
+    try:
+        raise RuntimeError("connection with trace-secret failed")
+    except RuntimeError:
+        logging.getLogger("t").exception("boom %s", "trace-secret")
+    err = capsys.readouterr().err
+    assert "trace-secret" not in err
+    # the message, the exception and the source line of the traceback
+    assert err.count(logs.MASK) == 3
