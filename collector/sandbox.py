@@ -1,0 +1,269 @@
+"""Throwaway PostgreSQL clusters with PoWA, and redis-servers, for tests, demo and benchmarks.
+
+A template cluster is made once with ``initdb`` (as the ``postgres`` user
+when running as root, since ``initdb`` refuses root) with every PoWA
+extension created in database ``powa``; each cluster of a fleet is a copy of
+it, which takes a fraction of a second.  Nothing here is used by the
+collector itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from collector.repository import Conn
+
+PG_BIN = Path(os.environ.get("POWA_FLEET_PG_BIN", "/usr/lib/postgresql/15/bin"))
+REDIS_SERVER = os.environ.get("POWA_FLEET_REDIS_SERVER", "redis-server")
+PRELOAD = "pg_stat_statements,powa,pg_stat_kcache,pg_qualstats"
+EXTENSIONS = ("pg_stat_statements", "btree_gist", "powa", "pg_stat_kcache", "pg_qualstats")
+SERVER_SETTINGS = {
+    "shared_preload_libraries": PRELOAD,
+    # remote mode: no background worker, the collector does the snapshots
+    "powa.frequency": "-1",
+    "pg_stat_statements.max": "10000",
+    "pg_qualstats.sample_rate": "1",
+    "unix_socket_directories": "",
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "200",
+    "shared_buffers": "32MB",
+    "log_min_messages": "warning",
+    "log_line_prefix": "%m [%p] %q%u@%d ",
+}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _as_postgres(args: Sequence[str | os.PathLike[str]]) -> list[str]:
+    argv = [str(a) for a in args]
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+
+def give_to_postgres(path: Path) -> None:
+    """Make ``path`` (a directory the clusters live in) usable by the server user."""
+    if os.geteuid() == 0:
+        entry = pwd.getpwnam("postgres")
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def postgres_can_enter(path: Path) -> bool:
+    if os.geteuid() != 0:
+        return True
+    probe = subprocess.run(_as_postgres(["test", "-x", path, "-a", "-w", path]), check=False)
+    return probe.returncode == 0
+
+
+@dataclass
+class Cluster:
+    """One PostgreSQL server of the sandbox, listening on ``host:port`` over TCP only."""
+
+    datadir: Path
+    port: int
+    host: str = "127.0.0.1"
+
+    @property
+    def logfile(self) -> Path:
+        return self.datadir.parent / f"{self.datadir.name}.log"
+
+    def dsn(self, dbname: str = "powa", user: str = "postgres", **extra: str) -> str:
+        return psycopg.conninfo.make_conninfo(
+            host=self.host, port=self.port, dbname=dbname, user=user, **extra
+        )
+
+    def connect(self, dbname: str = "powa", autocommit: bool = True) -> Conn:
+        return psycopg.connect(self.dsn(dbname), autocommit=autocommit, connect_timeout=5)
+
+    def configure(self, settings: dict[str, str]) -> None:
+        """Append settings to postgresql.conf (the last one wins)."""
+        lines = "".join(
+            "{} = '{}'\n".format(key, value.replace("'", "''")) for key, value in settings.items()
+        )
+        with (self.datadir / "postgresql.conf").open("a") as conf:
+            conf.write(lines)
+
+    def start(self) -> None:
+        self.configure({"port": str(self.port), "listen_addresses": self.host})
+        subprocess.run(
+            _as_postgres(
+                [PG_BIN / "pg_ctl", "-D", self.datadir, "-l", self.logfile, "-w", "-t", "60",
+                 "start"]
+            ),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        if not (self.datadir / "postmaster.pid").exists():
+            return
+        subprocess.run(
+            _as_postgres([PG_BIN / "pg_ctl", "-D", self.datadir, "-m", mode, "-w", "stop"]),
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def reload(self) -> None:
+        subprocess.run(
+            _as_postgres([PG_BIN / "pg_ctl", "-D", self.datadir, "reload"]),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def is_running(self) -> bool:
+        try:
+            with psycopg.connect(self.dsn("postgres"), connect_timeout=2):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+
+def make_template(base: Path) -> Path:
+    """initdb a cluster with every PoWA extension in database ``powa``; return its datadir."""
+    datadir = base / "template"
+    subprocess.run(
+        _as_postgres(
+            [PG_BIN / "initdb", "-D", datadir, "-A", "trust", "-U", "postgres", "-E", "UTF8",
+             "--no-sync", "--locale=C"]
+        ),
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    template = Cluster(datadir, free_port())
+    template.configure(SERVER_SETTINGS)
+    template.start()
+    try:
+        with template.connect("postgres") as conn:
+            conn.execute("CREATE DATABASE powa")
+        with template.connect() as conn:
+            for extension in EXTENSIONS:
+                conn.execute(sql.SQL("CREATE EXTENSION {}").format(sql.Identifier(extension)))
+    finally:
+        template.stop()
+    return datadir
+
+
+def clone(template: Path, datadir: Path, host: str = "127.0.0.1") -> Cluster:
+    """A new cluster copied from the template, on a free port; not started."""
+    subprocess.run(_as_postgres(["cp", "-a", template, datadir]), check=True)
+    return Cluster(datadir, free_port(host), host)
+
+
+def register_remote(
+    repository: Conn,
+    remote: Cluster,
+    *,
+    alias: str | None = None,
+    frequency: int = 300,
+    username: str = "postgres",
+    password: str | None = None,
+) -> int:
+    """powa_register_server() for a sandbox remote; return its srvid."""
+    repository.execute(
+        """SELECT powa_register_server(hostname => %s, port => %s, alias => %s,
+               username => %s, password => %s, dbname => 'powa', frequency => %s,
+               extensions => '{pg_stat_kcache,pg_qualstats}')""",
+        (remote.host, remote.port, alias, username, password, frequency),
+    )
+    row = repository.execute(
+        "SELECT id FROM powa_servers WHERE hostname = %s AND port = %s", (remote.host, remote.port)
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+WIDE_COLUMNS = 60
+
+
+def create_workload(remote: Cluster, statements: int = 200) -> None:
+    """Run ``statements`` distinct queries (each with quals) so every source has data."""
+    names = [sql.Identifier(f"c{i}") for i in range(WIDE_COLUMNS)]
+    with remote.connect() as conn:
+        conn.execute(
+            sql.SQL("CREATE TABLE IF NOT EXISTS wide ({})").format(
+                sql.SQL(", ").join(sql.SQL("{} int").format(n) for n in names)
+            )
+        )
+        conn.execute(
+            sql.SQL("INSERT INTO wide SELECT {} FROM generate_series(1, 50)").format(
+                sql.SQL(", ").join(sql.Literal(i) for i in range(WIDE_COLUMNS))
+            )
+        )
+        conn.execute("ANALYZE wide")
+        with conn.pipeline():
+            for n in range(statements):
+                i, j = divmod(n % (WIDE_COLUMNS * WIDE_COLUMNS), WIDE_COLUMNS)
+                conn.execute(
+                    sql.SQL("SELECT {} FROM wide WHERE {} = %s").format(names[i], names[j]), (n,)
+                )
+
+
+class RedisServer:
+    """A redis-server on a free loopback port, no persistence."""
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", self.host, "--save", "",
+             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_for_port(self.host, self.port)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def workspace(prefix: str = "powa-fleet-") -> Iterator[Path]:
+    """A temporary directory the postgres user can use, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    give_to_postgres(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

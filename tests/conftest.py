@@ -1,0 +1,183 @@
+"""Session fixtures: real PostgreSQL 15 clusters with PoWA, a real redis-server, real supervisord.
+
+Clusters are copies of one template made by initdb once per session; every
+test that writes to the repository gets a fresh repository cluster (a copy
+takes a fraction of a second) with the three sandbox remotes registered.
+Everything listens on 127.0.0.1 on free ports and is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from collector import sandbox
+from collector.supervisord import Supervisor
+from tests.helpers import PYTHON, ROOT, Fleet, Repo, wait_for
+
+#: statements created on the first remote; the others get a light workload
+BIG_WORKLOAD = 3000
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def sandbox_dir() -> Iterator[Path]:
+    with sandbox.workspace("powa-fleet-tests-") as path:
+        yield path
+
+
+@pytest.fixture(scope="session")
+def template(sandbox_dir: Path) -> Path:
+    return sandbox.make_template(sandbox_dir)
+
+
+def new_cluster(template: Path, sandbox_dir: Path, kind: str) -> sandbox.Cluster:
+    cluster = sandbox.clone(template, sandbox_dir / f"{kind}{next(_names)}")
+    cluster.start()
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def remotes(template: Path, sandbox_dir: Path) -> Iterator[list[sandbox.Cluster]]:
+    clusters = [new_cluster(template, sandbox_dir, "remote") for _ in range(3)]
+    sandbox.create_workload(clusters[0], BIG_WORKLOAD)
+    for cluster in clusters[1:]:
+        sandbox.create_workload(cluster, 100)
+    yield clusters
+    for cluster in clusters:
+        cluster.stop("immediate")
+
+
+@pytest.fixture
+def cluster_factory(template: Path, sandbox_dir: Path) -> Iterator[object]:
+    """Make extra clusters for one test (a remote to break, to stop...)."""
+    made: list[sandbox.Cluster] = []
+
+    def make(workload: int = 50) -> sandbox.Cluster:
+        cluster = new_cluster(template, sandbox_dir, "extra")
+        made.append(cluster)
+        if workload:
+            sandbox.create_workload(cluster, workload)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.stop("immediate")
+        shutil.rmtree(cluster.datadir, ignore_errors=True)
+
+
+@pytest.fixture
+def repo(template: Path, sandbox_dir: Path, remotes: list[sandbox.Cluster]) -> Iterator[Repo]:
+    cluster = new_cluster(template, sandbox_dir, "repo")
+    with cluster.connect() as conn:
+        srvids = [
+            sandbox.register_remote(conn, remote, alias=f"remote {i}", frequency=300)
+            for i, remote in enumerate(remotes, 1)
+        ]
+    yield Repo(cluster, srvids)
+    cluster.stop("immediate")
+    shutil.rmtree(cluster.datadir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[sandbox.RedisServer]:
+    server = sandbox.RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, repo: Repo, redis_server: sandbox.RedisServer) -> Iterator[Fleet]:
+    directory = tmp_path / "fleet"
+    directory.mkdir()
+    fleet = Fleet(directory, repo, redis_server.url)
+    fleet.write_config()
+    yield fleet
+    fleet.stop_all()
+
+
+@dataclass
+class Supervisord:
+    fleet: Fleet
+    process: subprocess.Popen[bytes]
+
+    @property
+    def rpc(self) -> Supervisor:
+        return Supervisor(self.fleet.directory / "supervisor.sock")
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(Path(PYTHON).parent / "supervisorctl"), "-c",
+             str(self.fleet.directory / "supervisord.conf"), *args],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+
+    def state(self, name: str) -> str | None:
+        info = self.rpc.process(name)
+        return None if info is None else str(info["statename"])
+
+    def pid(self, name: str) -> int:
+        info = self.rpc.process(name)
+        assert info is not None, name
+        return int(info["pid"])
+
+    def wait_running(self, *names: str, timeout: float = 30) -> None:
+        for name in names:
+            wait_for(partial(self.is_running, name), timeout, f"{name} RUNNING")
+
+    def is_running(self, name: str) -> bool:
+        return self.state(name) == "RUNNING"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(90)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_supervisord(fleet: Fleet) -> Supervisord:
+    log = (fleet.directory / "supervisord.out").open("ab")
+    process = subprocess.Popen(
+        [str(Path(PYTHON).parent / "supervisord"), "-n", "-c",
+         str(fleet.directory / "supervisord.conf")],
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    )
+    log.close()
+    running = Supervisord(fleet, process)
+    wait_for(lambda: (fleet.directory / "supervisor.sock").exists() or process.poll() is not None,
+             30, "supervisord socket")
+    assert process.poll() is None, (fleet.directory / "supervisord.out").read_text()
+    wait_for(lambda: running.rpc.state() == "RUNNING", 30, "supervisord RUNNING")
+    return running
+
+
+@pytest.fixture
+def supervisord(fleet: Fleet) -> Iterator[Supervisord]:
+    """supervisord running the generated fleet of the test's repository."""
+    result = fleet.generate()
+    assert result.returncode == 0, result.stderr
+    running = start_supervisord(fleet)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(autouse=True)
+def _slow_test_report(request: pytest.FixtureRequest) -> Iterator[None]:
+    started = time.monotonic()
+    yield
+    elapsed = time.monotonic() - started
+    if elapsed > 60:
+        print(f"\n{request.node.nodeid} took {elapsed:.0f}s")
