@@ -1,0 +1,276 @@
+"""Plugins: event hooks of the workers, contained so they never touch a snapshot.
+
+A plugin is a module of the top-level ``plugins/`` folder (or any importable
+dotted module path) defining one subclass of ``Plugin``.  It is loaded only
+when named in ``[plugins] enabled`` and is configured by its own
+``[plugin:NAME]`` section, validated at start with the same clear errors as
+the rest of the configuration.
+
+Each plugin gets a thread and a bounded queue of its own.  ``emit()`` never
+blocks: when a plugin's queue is full (a slow or hung plugin), the event is
+dropped and counted.  A hook that raises is logged with its traceback; one
+that runs past the plugin's ``timeout`` is reported as hung.  None of this
+delays or fails a snapshot.
+
+Events are plain dicts: ``kind`` (``snapshot_done``, ``snapshot_failed``,
+``status_changed``), ``srvid``, ``alias``, ``status``, ``previous_status``
+(status_changed), ``host``, ``time``, counters ``snapshots_ok`` and
+``snapshots_failed``, and for snapshots ``outcome``, ``duration``, ``rows``
+(per module), ``errors``, ``timings``, ``error``.  Never a password.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import importlib.util
+import inspect
+import logging
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+from collector.config import Config
+from collector.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PLUGINS_DIR = Path(__file__).resolve().parent.parent / "plugins"
+HOOKS = ("snapshot_done", "snapshot_failed", "status_changed")
+QUEUE_SIZE = 100
+
+Event = dict[str, Any]
+T = TypeVar("T")
+
+
+class Plugin:
+    """Base class of plugins: override the hooks you need, they do nothing by default.
+
+    ``__init__`` reads the settings of ``[plugin:NAME]`` with the ``setting``
+    helper, which records problems instead of raising, so that every problem
+    of the configuration is reported at once.
+    """
+
+    #: seconds a hook may run before it is reported as hung
+    timeout: float = 30.0
+
+    def __init__(self, name: str, settings: Mapping[str, str]) -> None:
+        self.name = name
+        self.settings = dict(settings)
+        self.problems: list[str] = []
+        self._read: set[str] = set()
+
+    def setting(
+        self,
+        key: str,
+        default: T,
+        convert: Callable[[str], T] = lambda raw: raw,  # type: ignore[assignment,return-value]
+        required: bool = False,
+    ) -> T:
+        """The value of ``key`` converted, or ``default`` (a problem is recorded when invalid)."""
+        self._read.add(key)
+        raw = self.settings.get(key, "").strip()
+        if not raw:
+            if required:
+                self.problems.append(f"{key}: missing value")
+            return default
+        try:
+            return convert(raw)
+        except (ValueError, TypeError) as exc:
+            self.problems.append(f"{key}: {exc or 'invalid value'}")
+            return default
+
+    def unknown_settings(self) -> list[str]:
+        return sorted(set(self.settings) - self._read)
+
+    def snapshot_done(self, event: Event) -> None:
+        """A snapshot was stored (``outcome`` is ``ok`` or ``errors``)."""
+
+    def snapshot_failed(self, event: Event) -> None:
+        """A snapshot could not be stored; ``error`` says why."""
+
+    def status_changed(self, event: Event) -> None:
+        """The worker's status changed from ``previous_status`` to ``status``."""
+
+    def close(self) -> None:
+        """The worker stops: release what the plugin holds."""
+
+
+class Dispatcher:
+    """Where a worker sends its events."""
+
+    def emit(self, kind: str, event: Event) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class NullDispatcher(Dispatcher):
+    def emit(self, kind: str, event: Event) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class PluginRunner(threading.Thread):
+    """Runs one plugin's hooks in order, off the snapshot path."""
+
+    def __init__(self, plugin: Plugin, size: int = QUEUE_SIZE) -> None:
+        super().__init__(name=f"plugin-{plugin.name}", daemon=True)
+        self.plugin = plugin
+        self.queue: queue.Queue[tuple[str, Event] | None] = queue.Queue(maxsize=size)
+        self.dropped = 0
+        self.failures = 0
+        self.delivered = 0
+        self._busy_since: float | None = None
+        self._hung_reported = False
+
+    def offer(self, kind: str, event: Event) -> bool:
+        """Queue an event without waiting; False (and counted) when the queue is full."""
+        self._report_hung()
+        try:
+            self.queue.put_nowait((kind, event))
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 100 == 0:
+                log.warning("plugin %s is not keeping up: %d event(s) dropped so far",
+                            self.plugin.name, self.dropped)
+            return False
+        return True
+
+    def _report_hung(self) -> None:
+        since = self._busy_since
+        if since is not None and not self._hung_reported:
+            busy = time.monotonic() - since
+            if busy > self.plugin.timeout:
+                self._hung_reported = True
+                log.error("plugin %s: a hook has been running for %.0fs (timeout %ss): hung?",
+                          self.plugin.name, busy, self.plugin.timeout)
+
+    def run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                break
+            kind, event = item
+            self._busy_since = time.monotonic()
+            self._hung_reported = False
+            try:
+                getattr(self.plugin, kind)(event)
+                self.delivered += 1
+            except Exception:
+                self.failures += 1
+                log.exception("plugin %s failed in %s", self.plugin.name, kind)
+            finally:
+                elapsed = time.monotonic() - self._busy_since
+                self._busy_since = None
+            if elapsed > self.plugin.timeout:
+                log.warning("plugin %s took %.1fs in %s (timeout %ss)",
+                            self.plugin.name, elapsed, kind, self.plugin.timeout)
+
+    def stop(self, timeout: float) -> None:
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(None)
+        self.join(timeout)
+        if self.is_alive():
+            log.warning("plugin %s did not finish its events in time", self.plugin.name)
+            return
+        try:
+            self.plugin.close()
+        except Exception:
+            log.exception("plugin %s failed to close", self.plugin.name)
+
+
+class PluginDispatcher(Dispatcher):
+    def __init__(self, plugins: list[Plugin]) -> None:
+        self.runners = [PluginRunner(plugin) for plugin in plugins]
+        for runner in self.runners:
+            runner.start()
+
+    def emit(self, kind: str, event: Event) -> None:
+        if kind not in HOOKS:
+            raise ValueError(f"unknown event kind {kind!r}")
+        event = {**event, "kind": kind}
+        for runner in self.runners:
+            # each plugin gets its own copy: one cannot change what another sees
+            runner.offer(kind, copy.deepcopy(event))
+
+    def close(self, timeout: float = 2.0) -> None:
+        deadline = time.monotonic() + timeout
+        for runner in self.runners:
+            runner.stop(max(0.0, deadline - time.monotonic()))
+
+
+def _import(name: str) -> ModuleType:
+    if "." in name:
+        return importlib.import_module(name)
+    path = PLUGINS_DIR / f"{name}.py"
+    if not path.is_file():
+        raise ImportError(f"no file {path}")
+    module_name = f"powa_fleet_plugins.{name}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+def plugin_class(module: ModuleType) -> type[Plugin]:
+    """The one Plugin subclass a plugin module defines."""
+    found = [
+        obj for _, obj in inspect.getmembers(module, inspect.isclass)
+        if issubclass(obj, Plugin) and obj is not Plugin and obj.__module__ == module.__name__
+    ]
+    if len(found) != 1:
+        raise ImportError(f"expected one subclass of collector.plugins.Plugin, found {len(found)}")
+    return found[0]
+
+
+def load_plugins(cfg: Config) -> list[Plugin]:
+    """Import and configure the enabled plugins; ConfigError lists every problem."""
+    problems: list[str] = []
+    plugins: list[Plugin] = []
+    for name in cfg.plugins.enabled:
+        section = f"plugin:{name}"
+        try:
+            cls = plugin_class(_import(name))
+        except Exception as exc:
+            problems.append(f"{cfg.path}: [plugins] enabled: cannot load plugin {name!r}: {exc}")
+            continue
+        settings = cfg.plugins.settings.get(name, {})
+        try:
+            plugin = cls(name, settings)
+        except Exception as exc:
+            problems.append(f"{cfg.path}: [{section}]: plugin failed to start: {exc}")
+            continue
+        problems += [f"{cfg.path}: [{section}] {p}" for p in plugin.problems]
+        problems += [f"{cfg.path}: [{section}] {k}: unknown key" for k in plugin.unknown_settings()]
+        plugins.append(plugin)
+    for name in cfg.plugins.settings:
+        if name not in cfg.plugins.enabled:
+            log.info("[plugin:%s] is configured but not enabled", name)
+    if problems:
+        raise ConfigError(problems)
+    return plugins
+
+
+def load_dispatcher(cfg: Config, srvid: int) -> Dispatcher:
+    plugins = load_plugins(cfg)
+    if not plugins:
+        return NullDispatcher()
+    log.info("worker_%d: plugins enabled: %s", srvid, ", ".join(p.name for p in plugins))
+    return PluginDispatcher(plugins)

@@ -1,0 +1,250 @@
+"""The worker daemon against real PostgreSQL and Redis: outages, reloads, secrets, overlaps."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import simplejson as json
+
+from collector import sandbox
+from tests.helpers import Fleet, Repo, proc_text, stop_process, wait_for
+
+PASSWORD = "Sup3r-S3cret-pw!"
+
+
+def force(fleet: Fleet, srvid: int, timeout: float = 5) -> dict[str, str]:
+    """Ask a worker for a snapshot the way the control process does."""
+    reply = f"{fleet.prefix}:reply:test{time.monotonic_ns()}"
+    with fleet.redis() as client:
+        client.rpush(f"{fleet.prefix}:worker:{srvid}:commands",
+                     json.dumps({"command": "force_snapshot", "reply_to": reply}))
+        answer = client.blpop([reply], timeout=timeout)
+    assert answer is not None, "the worker did not answer"
+    return json.loads(answer[1])  # type: ignore[no-any-return]
+
+
+def status_is(fleet: Fleet, srvid: int, status: str) -> bool:
+    document = fleet.status(srvid)
+    return document is not None and document["status"] == status
+
+
+def test_remote_down_then_back_without_restart(
+    fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
+) -> None:
+    remote = cluster_factory(workload=50)
+    with repo.connect() as conn:
+        srvid = sandbox.register_remote(conn, remote, alias="flaky")
+    repo.due_in(srvid, 1, frequency=5)
+    worker = fleet.start_worker(srvid)
+    wait_for(lambda: repo.snapshots(srvid) >= 1, 15, "a first snapshot")
+    assert status_is(fleet, srvid, "running")
+    remote.stop()
+    stopped_at = time.monotonic()
+    wait_for(lambda: status_is(fleet, srvid, "no connection to remote server"), 6,
+             "status 'no connection to remote server' within one period")
+    # powa-web sees why, in powa_snapshot_metas.errors, at the next due time
+    wait_for(lambda: any("Error connecting to remote server" in e for e in repo.errors(srvid)),
+             8, "the connection error in the repository")
+    assert worker.poll() is None
+    count = repo.snapshots(srvid)
+    remote.start()
+    wait_for(lambda: repo.snapshots(srvid) > count, 20, "snapshots to resume")
+    wait_for(lambda: status_is(fleet, srvid, "running"), 5, "status running again")
+    document = fleet.status(srvid)
+    assert document is not None and document["pid"] == worker.pid
+    assert document["snapshots_ok"] >= 2
+    assert time.monotonic() - stopped_at < 60
+    assert worker.poll() is None
+
+
+def test_remote_unreachable_at_start_keeps_the_worker_up(fleet: Fleet, repo: Repo) -> None:
+    port = sandbox.free_port()
+    repo.execute(
+        "SELECT powa_register_server(hostname => '127.0.0.1', port => %s, alias => 'later',"
+        " frequency => 5)", (port,)
+    )
+    srvid = int(repo.one("SELECT max(id) FROM powa_servers"))
+    worker = fleet.start_worker(srvid)
+    wait_for(lambda: status_is(fleet, srvid, "no connection to remote server"), 10, "status")
+    time.sleep(3)
+    assert worker.poll() is None
+    assert "Traceback" not in fleet.log(srvid)
+
+
+def test_repository_down_at_start_then_back(
+    fleet: Fleet, repo: Repo
+) -> None:
+    srvid = repo.srvids[1]
+    repo.due_in(srvid, 1, frequency=5)
+    repo.cluster.stop()
+    worker = fleet.start_worker(srvid)
+    try:
+        wait_for(lambda: status_is(fleet, srvid, "no connection to repository server"), 15,
+                 "status 'no connection to repository server'")
+        assert worker.poll() is None
+    finally:
+        repo.cluster.start()
+    wait_for(lambda: repo.snapshots(srvid) >= 1, 40, "a snapshot once the repository is back")
+    wait_for(lambda: status_is(fleet, srvid, "running"), 5, "status running")
+    assert worker.poll() is None
+
+
+def test_redis_down_snapshots_continue_and_status_comes_back(
+    tmp_path: Path, repo: Repo
+) -> None:
+    redis_server = sandbox.RedisServer()
+    redis_server.start()
+    fleet = Fleet(tmp_path, repo, redis_server.url)
+    fleet.write_config()
+    srvid = repo.srvids[1]
+    repo.due_in(srvid, 1, frequency=5)
+    worker = fleet.start_worker(srvid)
+    try:
+        wait_for(lambda: status_is(fleet, srvid, "running"), 15, "status in Redis")
+        redis_server.stop()
+        count = repo.snapshots(srvid)
+        wait_for(lambda: repo.snapshots(srvid) >= count + 2, 20, "snapshots without Redis")
+        assert worker.poll() is None
+        redis_server.start()
+        document = wait_for(lambda: fleet.status(srvid), 15, "status back in Redis")
+        assert document["status"] == "running"
+        assert document["pid"] == worker.pid
+        assert document["snapshots_ok"] >= count + 2
+    finally:
+        stop_process(worker)
+        redis_server.stop()
+    assert "cannot write status to Redis" in fleet.log(srvid)
+    assert "status written to Redis again" in fleet.log(srvid)
+
+
+def password_remote(cluster: sandbox.Cluster) -> None:
+    """Only the role 'collector' with a password (scram) may log in, beside postgres."""
+    with cluster.connect() as conn:
+        conn.execute(f"CREATE ROLE collector LOGIN SUPERUSER PASSWORD '{PASSWORD}'")
+    (cluster.datadir / "pg_hba.conf").write_text(
+        "host all postgres 127.0.0.1/32 trust\n"
+        "host all all 127.0.0.1/32 scram-sha-256\n"
+    )
+    cluster.reload()
+
+
+def test_password_never_leaks(
+    fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
+) -> None:
+    remote = cluster_factory(workload=50)
+    password_remote(remote)
+    with repo.connect() as conn:
+        srvid = sandbox.register_remote(conn, remote, alias="secret", username="collector",
+                                        password=PASSWORD)
+    repo.due_in(srvid, 1, frequency=5)
+    worker = fleet.start_worker(srvid)
+    wait_for(lambda: repo.snapshots(srvid) >= 1, 15, "a snapshot with scram authentication")
+    for name in ("cmdline", "environ"):
+        assert PASSWORD not in proc_text(worker.pid, name)
+    # a wrong password: the error is reported, the secrets are not
+    wrong = "Wr0ng-" + PASSWORD
+    repo.execute("UPDATE powa_servers SET password = %s WHERE id = %s", (wrong, srvid))
+    worker.send_signal(signal.SIGHUP)
+    wait_for(lambda: status_is(fleet, srvid, "no connection to remote server"), 15,
+             "the authentication failure")
+    wait_for(lambda: any("password authentication failed" in e for e in repo.errors(srvid)),
+             10, "the error in the repository")
+    once = fleet.once(srvid)
+    assert once.returncode == 1
+    assert "password authentication failed" in once.stderr
+    stop_process(worker)
+    with fleet.redis() as client:
+        stored = b" ".join(client.get(key) or b"" for key in client.keys("*"))
+    texts = {
+        "log": fleet.log(srvid),
+        "redis": stored.decode(),
+        "repository errors": " ".join(repo.errors(srvid)),
+        "--once output": once.stdout + once.stderr,
+    }
+    for where, text in texts.items():
+        for secret in (PASSWORD, wrong):
+            assert secret not in text, f"password found in {where}"
+    assert "password authentication failed" in texts["log"]
+
+
+def test_sighup_rereads_the_row_without_restart(
+    fleet: Fleet, repo: Repo
+) -> None:
+    srvid = repo.srvids[2]
+    repo.due_in(srvid, 1, frequency=60)
+    worker = fleet.start_worker(srvid)
+    wait_for(lambda: repo.snapshots(srvid) >= 1, 15, "a first snapshot")
+    document = fleet.status(srvid)
+    assert document is not None and document["frequency"] == 60
+    repo.set_frequency(5, srvid)
+    worker.send_signal(signal.SIGHUP)
+    wait_for(lambda: (fleet.status(srvid) or {}).get("frequency") == 5, 5, "the new frequency")
+    wait_for(lambda: repo.snapshots(srvid) >= 3, 15, "snapshots at the new frequency")
+    assert fleet.status(srvid)["pid"] == worker.pid  # type: ignore[index]
+
+
+def test_force_snapshot_answers_like_upstream(fleet: Fleet, repo: Repo) -> None:
+    srvid = repo.srvids[2]
+    repo.due_in(srvid, 1, frequency=300)
+    fleet.start_worker(srvid)
+    wait_for(lambda: repo.snapshots(srvid) >= 1, 15, "a first snapshot")
+    assert force(fleet, srvid) == {"status": "ERROR",
+                                   "data": "Last snapshot was less than 10s. ago"}
+    time.sleep(10.5)
+    answer = force(fleet, srvid)
+    assert answer["status"] == "OK"
+    assert answer["data"] in ("Snapshot in progress", "Snapshot will begin shortly")
+    wait_for(lambda: repo.snapshots(srvid) >= 2, 10, "the forced snapshot")
+
+
+def slow_take_snapshot(repo: Repo, seconds: float) -> None:
+    """powa_take_snapshot takes ``seconds`` longer: a slow repository."""
+    repo.execute("ALTER FUNCTION powa_take_snapshot(integer) RENAME TO real_take_snapshot")
+    repo.execute(
+        "CREATE FUNCTION powa_take_snapshot(_srvid integer) RETURNS integer LANGUAGE plpgsql"
+        f" AS $$ BEGIN PERFORM pg_sleep({seconds}); RETURN real_take_snapshot(_srvid); END $$"
+    )
+
+
+def test_snapshots_never_overlap_with_forced_wakeups_and_a_slow_repository(
+    fleet: Fleet, repo: Repo
+) -> None:
+    srvid = repo.srvids[1]
+    slow_take_snapshot(repo, 3)
+    # each snapshot takes longer than the period
+    repo.due_in(srvid, 1, frequency=5)
+    worker = fleet.start_worker(srvid)
+    most = 0
+    answers: list[str] = []
+    stop = threading.Event()
+
+    def forcing() -> None:
+        while not stop.is_set():
+            answers.append(force(fleet, srvid)["data"])
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=forcing)
+    wait_for(lambda: fleet.status(srvid), 15, "the worker to start")
+    thread.start()
+    deadline = time.monotonic() + 15
+    once = None
+    while time.monotonic() < deadline:
+        sessions = [s for s in repo.worker_sessions(srvid) if s[0] != "idle"]
+        most = max(most, len(sessions))
+        if once is None and sessions:
+            # a second process on the same server meanwhile: refused, not overlapped
+            once = fleet.once(srvid)
+        time.sleep(0.05)
+    stop.set()
+    thread.join()
+    assert most == 1
+    assert repo.snapshots(srvid) >= 3
+    assert "A snapshot is already in progress" in answers
+    assert once is not None and once.returncode == 1
+    assert "another snapshot of server" in once.stderr
+    assert worker.poll() is None
+    assert repo.tmp_rows(srvid) == {}
