@@ -93,8 +93,7 @@ class CommandListener(threading.Thread):
             pipe.expire(reply_to, REPLY_TTL)
             pipe.execute()
 
-    def close(self, timeout: float = 1.0) -> None:
+    def close(self) -> None:
+        """Stop listening; the thread is a daemon, its pending pop dies with the process."""
         self._stopping.set()
-        # the blocking pop returns within POP_TIMEOUT; do not wait for it on exit
-        self.join(timeout)
         self.redis.close()

@@ -1,0 +1,94 @@
+"""create_supervisord_config.py: turn powa_servers into the fleet's supervisord files.
+
+    python create_supervisord_config.py [-c CFG] [--apply] [--enable N | --disable N]
+
+Reads the collected servers (id > 0, frequency > 0) from the repository and
+writes, beside the configuration file, one program file per server in
+``workers_available/``, the symlinks of ``workers_enabled/`` and
+``supervisord.conf`` (see collector.fleet).  ``--apply`` then makes a running
+supervisord match, like ``supervisorctl update``.  ``--enable N`` and
+``--disable N`` only manage one symlink (no repository needed) and apply it
+when supervisord runs.
+
+Exit status: 0 done; 2 the fleet could not be generated (configuration,
+repository, files); 1 generated but supervisord could not apply it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import psycopg
+
+from collector import config, fleet, logs, repository
+from collector.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, FleetError, SupervisorError
+from collector.supervisord import Supervisor
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="create_supervisord_config.py",
+        description="Generate the supervisord programs of a powa-fleet from powa_servers.",
+    )
+    parser.add_argument("-c", "--config", help="collector.cfg (default: $POWA_FLEET_CONFIG, "
+                        "else the checkout's collector.cfg)")
+    parser.add_argument("--apply", action="store_true",
+                        help="apply the result to the running supervisord (like supervisorctl "
+                             "update)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--enable", type=int, metavar="N", help="enable worker_N and apply")
+    group.add_argument("--disable", type=int, metavar="N", help="disable worker_N and apply")
+    return parser.parse_args(argv)
+
+
+def collected_servers(cfg: config.Config) -> list[int]:
+    """Ids of the servers to collect; FleetError (one line) if the repository cannot tell."""
+    try:
+        with repository.session(cfg.repository.dsn, "generator",
+                                cfg.repository.connect_timeout) as conn:
+            powa = repository.require_powa(conn)
+            return [server.srvid for server in repository.list_servers(conn, powa)]
+    except psycopg.Error as exc:
+        raise FleetError(f"cannot read powa_servers: {logs.one_line(exc)}") from None
+
+
+def apply(cfg: config.Config, required: bool) -> int:
+    """Apply the files to supervisord; when not ``required``, a stopped supervisord is fine."""
+    if not required and not cfg.supervisor_socket.exists():
+        print(f"supervisord is not running ({cfg.supervisor_socket} missing): "
+              "the change takes effect when it starts")
+        return EXIT_OK
+    try:
+        report = Supervisor(cfg.supervisor_socket).apply()
+    except SupervisorError as exc:
+        print(f"error: files written, but applying them failed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    for line in report.lines() or ["supervisord: nothing to change"]:
+        print(line)
+    return EXIT_OK
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config)
+    logs.REDACTOR.add(*cfg.secrets())
+    toggle = args.enable if args.enable is not None else args.disable
+    if toggle is not None:
+        changed = fleet.set_enabled(cfg, toggle, enable=args.enable is not None)
+        state = "enabled" if args.enable is not None else "disabled"
+        print(f"{fleet.program_name(toggle)}: {state}{'' if changed else ' already'}")
+        return apply(cfg, required=args.apply)
+    report = fleet.generate(cfg, collected_servers(cfg))
+    for line in report.lines():
+        print(line)
+    return apply(cfg, required=True) if args.apply else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except FleetError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {logs.REDACTOR.redact(line)}", file=sys.stderr)
+        return EXIT_CONFIG

@@ -1,0 +1,252 @@
+"""The fleet: generated files, a real supervisord and its web UI, enable/disable, apply."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from collector import sandbox
+from tests.conftest import Supervisord, start_supervisord
+from tests.helpers import Fleet, Repo, wait_for
+
+WORKERS = ("worker_1", "worker_2", "worker_3")
+
+HOSTILE = [
+    "evil\n[program:x]\ncommand=/bin/sh -c 'touch /tmp/pwned'",
+    "%(ENV_HOME)s",
+    "%s %d 100%",
+    "a ; inline comment",
+    "# not a comment",
+    "quote's \"double\" `back`",
+    "ünïcødé ☃ 漢字",
+    "command=rm -rf /",
+    "\\ backslash \\n",
+]
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def web(fleet: Fleet, auth: tuple[str, str] | None) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{fleet.http_port}/")
+    if auth:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, ""
+
+
+def test_generated_files(fleet: Fleet, repo: Repo) -> None:
+    result = fleet.generate()
+    assert result.returncode == 0, result.stderr
+    available = fleet.directory / "workers_available"
+    enabled = fleet.directory / "workers_enabled"
+    assert sorted(files(available)) == [f"{w}.conf" for w in WORKERS]
+    for name in WORKERS:
+        link = enabled / f"{name}.conf"
+        assert link.is_symlink()
+        assert link.resolve() == (available / f"{name}.conf").resolve()
+        assert not os.readlink(link).startswith("/")
+    for path in [*available.iterdir(), fleet.directory / "supervisord.conf"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    conf = (fleet.directory / "supervisord.conf").read_text()
+    # supervisord gets a hash of the web UI password, never the password itself
+    assert "web-secret" not in conf
+    assert "password = {SHA}" in conf
+    assert "files = workers_enabled/*.conf" in conf
+    worker = (available / "worker_2.conf").read_text()
+    assert "[program:worker_2]" in worker
+    assert "--srvid 2" in worker
+    assert "exitcodes = 0,2,3,4" in worker
+    # a second run with no change rewrites nothing
+    mtimes = {p: p.stat().st_mtime_ns for p in available.iterdir()}
+    again = fleet.generate()
+    assert again.returncode == 0
+    assert again.stdout.strip() == "nothing changed"
+    assert {p: p.stat().st_mtime_ns for p in available.iterdir()} == mtimes
+
+
+def test_auto_enable_off_generates_disabled_programs(fleet: Fleet, repo: Repo) -> None:
+    fleet.write_config(collector={"auto_enable": "false"})
+    assert fleet.generate().returncode == 0
+    assert list((fleet.directory / "workers_enabled").iterdir()) == []
+    assert len(list((fleet.directory / "workers_available").iterdir())) == 3
+
+
+def test_three_servers_run_and_snapshot_under_supervisord(
+    fleet: Fleet, repo: Repo, supervisord: Supervisord
+) -> None:
+    for srvid in repo.srvids:
+        repo.due_in(srvid, 1, frequency=5)
+    supervisord.ctl("restart", "all")
+    supervisord.wait_running("control", *WORKERS)
+    for srvid in repo.srvids:
+        wait_for(lambda s=srvid: repo.snapshots(s) >= 1, 20, f"snapshots of server {srvid}")
+    # the web UI: basic auth, and every program listed
+    assert web(fleet, None)[0] == 401
+    assert web(fleet, ("admin", "wrong"))[0] == 401
+    code, page = web(fleet, ("admin", "web-secret"))
+    assert code == 200
+    for name in ("control", *WORKERS):
+        assert name in page
+    assert page.count("statusrunning") >= 4
+
+
+def test_stop_and_start_one_worker(
+    fleet: Fleet, repo: Repo, supervisord: Supervisord
+) -> None:
+    for srvid in repo.srvids:
+        repo.due_in(srvid, 1, frequency=5)
+    supervisord.ctl("restart", "all")
+    supervisord.wait_running(*WORKERS)
+    wait_for(lambda: all(repo.snapshots(s) >= 1 for s in repo.srvids), 20, "snapshots")
+    result = supervisord.ctl("stop", "worker_2")
+    assert "worker_2: stopped" in result.stdout
+    assert supervisord.state("worker_2") == "STOPPED"
+    document = fleet.status(2)
+    assert document is None or document["status"] == "stopped"
+    assert repo.worker_sessions(2) == []
+    assert repo.tmp_rows(2) == {}
+    stopped_count = repo.snapshots(2)
+    others = {s: repo.snapshots(s) for s in (1, 3)}
+    wait_for(lambda: all(repo.snapshots(s) > n for s, n in others.items()), 15,
+             "the other workers to keep snapshotting")
+    assert repo.snapshots(2) == stopped_count
+    assert "worker_2: started" in supervisord.ctl("start", "worker_2").stdout
+    wait_for(lambda: repo.snapshots(2) > stopped_count, 15, "worker_2 to snapshot again")
+
+
+def test_disable_by_symlink_stays_disabled_until_enabled(
+    fleet: Fleet, repo: Repo, supervisord: Supervisord
+) -> None:
+    supervisord.wait_running(*WORKERS)
+    (fleet.directory / "workers_enabled" / "worker_2.conf").unlink()
+    result = fleet.generate("--apply")
+    assert result.returncode == 0, result.stderr
+    assert "worker_2: stopped and removed" in result.stdout
+    assert supervisord.state("worker_2") is None
+    assert supervisord.state("worker_1") == "RUNNING"
+    for _ in range(2):
+        again = fleet.generate("--apply")
+        assert again.returncode == 0
+        assert "worker_2: disabled" in again.stdout
+        assert not (fleet.directory / "workers_enabled" / "worker_2.conf").exists()
+        assert supervisord.state("worker_2") is None
+    enabled = fleet.generate("--enable", "2")
+    assert enabled.returncode == 0, enabled.stderr
+    assert "worker_2: started" in enabled.stdout
+    supervisord.wait_running("worker_2")
+    disabled = fleet.generate("--disable", "2")
+    assert "worker_2: stopped and removed" in disabled.stdout
+    missing = fleet.generate("--enable", "42")
+    assert missing.returncode == 2
+    assert "worker_42 is not in" in missing.stderr
+
+
+def test_add_and_delete_servers_touch_no_other_worker(
+    fleet: Fleet, repo: Repo, supervisord: Supervisord,
+    cluster_factory: Callable[..., sandbox.Cluster],
+) -> None:
+    supervisord.wait_running(*WORKERS)
+    pids = {name: supervisord.pid(name) for name in WORKERS}
+    remote = cluster_factory(workload=20)
+    with repo.connect() as conn:
+        srvid = sandbox.register_remote(conn, remote, alias="fourth")
+    repo.due_in(srvid, 1, frequency=5)
+    result = fleet.generate("--apply")
+    assert result.returncode == 0, result.stderr
+    assert f"worker_{srvid}: started" in result.stdout
+    supervisord.wait_running(f"worker_{srvid}")
+    wait_for(lambda: repo.snapshots(srvid) >= 1, 15, "the new server's first snapshot")
+    assert {name: supervisord.pid(name) for name in WORKERS} == pids
+    repo.execute("SELECT powa_delete_and_purge_server(%s)", (srvid,))
+    removed = fleet.generate("--apply")
+    assert f"worker_{srvid}: stopped and removed" in removed.stdout
+    assert supervisord.state(f"worker_{srvid}") is None
+    assert not (fleet.directory / "workers_available" / f"worker_{srvid}.conf").exists()
+    assert not (fleet.directory / "workers_enabled" / f"worker_{srvid}.conf").is_symlink()
+    assert {name: supervisord.pid(name) for name in WORKERS} == pids
+
+
+def test_hostile_rows_generate_the_same_files_as_plain_ones(fleet: Fleet, repo: Repo) -> None:
+    repo.execute("DELETE FROM powa_servers WHERE id > 0")
+    for i, text in enumerate(HOSTILE, 1):
+        repo.execute(
+            "INSERT INTO powa_servers (id, hostname, port, alias, username, password, dbname,"
+            " frequency) VALUES (%s, %s, %s, %s, %s, %s, %s, 60)",
+            (100 + i, "127.0.0.1\n" + text, 1 + i, text, text, "pw-" + text, text),
+        )
+        repo.execute("INSERT INTO powa_snapshot_metas (srvid) VALUES (%s)", (100 + i,))
+    assert fleet.generate().returncode == 0
+    hostile = files(fleet.directory / "workers_available")
+    hostile_conf = (fleet.directory / "supervisord.conf").read_bytes()
+    for i in range(1, len(HOSTILE) + 1):
+        repo.execute(
+            "UPDATE powa_servers SET hostname = 'h', alias = %s, username = 'u', password = NULL,"
+            " dbname = 'd' WHERE id = %s", (f"plain{i}", 100 + i),
+        )
+    plain = fleet.generate()
+    assert plain.stdout.strip() == "nothing changed"
+    assert files(fleet.directory / "workers_available") == hostile
+    assert (fleet.directory / "supervisord.conf").read_bytes() == hostile_conf
+    everything = b"".join(hostile.values()) + hostile_conf
+    for text in HOSTILE:
+        assert ("pw-" + text).encode() not in everything
+    assert b"pwned" not in everything
+    # and supervisord reads them: every program loaded, none parsed out of a row
+    repo.execute(
+        "UPDATE powa_servers SET hostname = 'bad\n[program:x]', alias = NULL WHERE id > 100"
+    )
+    running = start_supervisord(fleet)
+    try:
+        names = set(running.rpc.all_processes())
+        assert names == {"control"} | {f"worker_{100 + i}" for i in range(1, len(HOSTILE) + 1)}
+    finally:
+        running.stop()
+
+
+def test_generator_errors_are_one_line_and_write_nothing(
+    fleet: Fleet, repo: Repo, tmp_path: Path
+) -> None:
+    fleet.write_config(supervisor={"http": "0.0.0.0:9001", "password": ""})
+    result = fleet.generate()
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "not a loopback address" in result.stderr
+    fleet.write_config(repository={"dsn": f"postgresql://postgres@127.0.0.1:{sandbox.free_port()}"
+                                          "/powa?connect_timeout=2"})
+    result = fleet.generate()
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "cannot connect to the repository" in result.stderr
+    assert sorted(p.name for p in fleet.directory.iterdir()) == ["collector.cfg"]
+    # a directory that cannot be written: a file stands where workers_available/ goes
+    fleet.write_config()
+    (fleet.directory / "workers_available").write_text("in the way")
+    result = fleet.generate()
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "cannot write the fleet" in result.stderr
+    assert not (fleet.directory / "supervisord.conf").exists()
+    assert not [p for p in fleet.directory.rglob(".*") if p.name != ".fleet.lock"]
+
+
+def test_apply_without_supervisord_is_a_clear_error(fleet: Fleet, repo: Repo) -> None:
+    result = fleet.generate("--apply")
+    assert result.returncode == 1
+    assert "applying them failed" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    # --enable without a running supervisord only changes the symlink
+    assert fleet.generate("--disable", "1").returncode == 0
+    enable = fleet.generate("--enable", "1")
+    assert enable.returncode == 0
+    assert "takes effect when it starts" in enable.stdout
