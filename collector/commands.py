@@ -59,6 +59,8 @@ class CommandListener(threading.Thread):
         try:
             result = operation()
         except redis.RedisError as exc:
+            if self._stopping.is_set():
+                return None
             if not self._failing:
                 log.warning("cannot read commands from Redis (will keep trying): %s",
                             one_line(exc))

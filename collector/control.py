@@ -1,0 +1,392 @@
+"""The control process: PoWA's LISTEN/NOTIFY protocol, bridged to Redis and supervisord.
+
+    python -m collector.control -c CFG
+
+Keeps one autocommit connection to the repository, LISTENs on
+``powa_collector`` and answers like upstream powa-collector, so powa-web's
+collector page and its "Reload collector" button work unchanged:
+
+* ``WORKERS_STATUS [srvid]``: from supervisord's process states and the
+  workers' status in Redis (see collector.board);
+* ``RELOAD`` (and SIGHUP): regenerate the program files, apply them to
+  supervisord, SIGHUP the workers whose ``powa_servers`` row changed (and
+  those not ``running``, so they retry at once, as upstream does);
+* ``FORCE_SNAPSHOT srvid``: asked to the worker itself through Redis;
+* ``REFRESH_DB_CAT``: validated, then refused (PoWA 4 has no catalogs).
+
+Only backends whose role may signal other backends get an answer other than
+``ERROR Permission denied``.  Every field of a request is untrusted: the
+response channel only ever becomes a quoted identifier, and no request stops
+the loop.  SIGTERM stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import sys
+import time
+from collections.abc import Callable
+
+import psycopg
+import redis
+import simplejson as json
+from psycopg import sql
+
+from collector import config, fleet, logs, protocol, repository
+from collector.board import DISABLED, StatusBoard, WorkerView
+from collector.errors import EXIT_OK, FleetError, SupervisorError
+from collector.protocol import ProtocolError, Request
+from collector.repository import Conn, PowaExtension, Server
+from collector.schedule import Backoff
+from collector.status import (
+    STATUS_NO_REMOTE,
+    STATUS_NO_REPOSITORY,
+    client,
+    commands_key,
+    reply_key,
+)
+from collector.supervisord import Supervisor
+from collector.wakeup import SignalFlags, Wakeup
+
+log = logging.getLogger("collector.control")
+
+#: how long FORCE_SNAPSHOT waits for the worker's answer
+WORKER_REPLY_TIMEOUT = 1.0
+#: the repository connection is checked this often when no notification comes
+HEALTH_CHECK = 10.0
+
+_PERMISSION_14 = sql.SQL(
+    "SELECT pg_catalog.pg_has_role(a.usesysid, 'pg_signal_backend', 'USAGE')"
+    " FROM pg_catalog.pg_stat_activity a WHERE a.pid = %s"
+)
+_PERMISSION_OLD = sql.SQL(
+    "SELECT pg_catalog.has_table_privilege(a.usesysid, {}, 'INSERT')"
+    " FROM pg_catalog.pg_stat_activity a WHERE a.pid = %s"
+)
+
+
+class Control:
+    def __init__(self, cfg: config.Config) -> None:
+        self.cfg = cfg
+        self.wakeup = Wakeup()
+        self.flags = SignalFlags(self.wakeup)
+        self.conn: Conn | None = None
+        self.powa: PowaExtension | None = None
+        self.board = StatusBoard(cfg)
+        self.redis = client(cfg.redis.url, socket_timeout=WORKER_REPLY_TIMEOUT + 2)
+        self.backoff = Backoff(initial=0.5, maximum=30.0)
+        self.lost_at: float | None = None
+        self.last_check = 0.0
+        #: fingerprint of every server row as last seen, to SIGHUP changed workers
+        self.fingerprints: dict[int, str] = {}
+        #: outcome of the reload done for the current batch of requests
+        self._reload_outcome: tuple[str, str] | None = None
+        self.handlers: dict[str, Callable[[Request], tuple[str, str]]] = {
+            "RELOAD": self.do_reload,
+            "WORKERS_STATUS": self.do_workers_status,
+            "FORCE_SNAPSHOT": self.do_force_snapshot,
+            "REFRESH_DB_CAT": self.do_refresh_db_cat,
+        }
+
+    # ------------------------------------------------------------------ life cycle
+    def run(self) -> int:
+        self.flags.install()
+        log.info("starting")
+        try:
+            while not self.flags.stop:
+                self._cycle()
+        finally:
+            self.shutdown()
+        return EXIT_OK
+
+    def _cycle(self) -> None:
+        if self.conn is None and not self._connect():
+            self.wakeup.wait(self.backoff.next_delay())
+            return
+        if self.flags.reload:
+            self.flags.reload = False
+            self._reload_logged("SIGHUP")
+        try:
+            self._serve()
+        except psycopg.Error as exc:
+            self._lost(exc)
+
+    def _serve(self) -> None:
+        assert self.conn is not None
+        ready = self.wakeup.wait(HEALTH_CHECK, [self.conn.fileno()])
+        if self.flags.stop:
+            return
+        if ready:
+            self._drain()
+        elif time.monotonic() - self.last_check >= HEALTH_CHECK:
+            self.conn.execute("SELECT 1")
+            self.last_check = time.monotonic()
+
+    def _drain(self) -> None:
+        """Serve every notification received, including those that arrived while answering.
+
+        Notifications that come in while the connection runs our own statements
+        are read off the socket by libpq and wait in psycopg's backlog: the
+        socket will not turn readable for them, so look again until none is left.
+        """
+        assert self.conn is not None
+        while not self.flags.stop:
+            batch = list(self.conn.notifies(timeout=0))
+            if not batch:
+                return
+            # a burst of RELOADs is served by one reload
+            self._reload_outcome = None
+            for notify in batch:
+                self.handle(notify.payload, notify.pid)
+
+    def _connect(self) -> bool:
+        try:
+            conn = psycopg.connect(
+                self.cfg.repository.dsn,
+                autocommit=True,
+                application_name="powa-fleet control",
+                connect_timeout=self.cfg.repository.connect_timeout,
+                client_encoding="UTF8",
+                keepalives=1,
+                keepalives_idle=30,
+                keepalives_interval=10,
+                keepalives_count=3,
+            )
+            self.powa = repository.require_powa(conn)
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(protocol.CHANNEL)))
+        except (psycopg.Error, FleetError) as exc:
+            if self.lost_at is None:
+                self.lost_at = time.monotonic()
+            log.error("cannot listen on the repository: %s", logs.one_line(exc))
+            return False
+        self.conn = conn
+        self.backoff.reset()
+        self.last_check = time.monotonic()
+        if self.lost_at is not None:
+            log.warning(
+                "listening again on %s after %.1fs without connection: notifications sent"
+                " meanwhile are lost", protocol.CHANNEL, time.monotonic() - self.lost_at,
+            )
+            self.lost_at = None
+        else:
+            log.info("listening on %s", protocol.CHANNEL)
+        if not self.fingerprints:
+            self._remember(self._servers())
+        return True
+
+    def _lost(self, exc: Exception) -> None:
+        log.error("repository connection lost: %s", logs.one_line(exc))
+        self.lost_at = time.monotonic()
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except psycopg.Error:
+                log.debug("closing a broken connection failed", exc_info=True)
+        self.conn = None
+
+    def shutdown(self) -> None:
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("repository", lambda: self.conn.close() if self.conn else None),
+            ("board", self.board.close),
+            ("redis", self.redis.close),
+            ("signals", self.flags.uninstall),
+            ("wakeup", self.wakeup.close),
+        ]
+        for name, step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("shutdown step %s failed", name)
+        log.info("stopped")
+
+    # ------------------------------------------------------------------ requests
+    def handle(self, payload: str, pid: int) -> None:
+        """Serve one notification; nothing a request holds can stop the loop."""
+        request = protocol.parse(payload, pid)
+        problem = protocol.channel_problem(request.channel)
+        if problem:
+            log.warning("request from pid %d refused, %s: %r", pid, problem, payload[:200])
+            return
+        log.debug("request from pid %d: %r", pid, payload[:200])
+        try:
+            if self.allowed(pid):
+                status, data = self.dispatch(request)
+            else:
+                status, data = "ERROR", "Permission denied"
+        except Exception as exc:
+            if self._broken():
+                raise
+            log.exception("request %r failed", request.command[:40])
+            status, data = "ERROR", logs.one_line(exc)
+        if not request.answers:
+            return
+        try:
+            self.notify(request.channel, protocol.answer(request.command, status, data))
+        except psycopg.Error as exc:
+            if self._broken():
+                raise
+            log.warning("cannot answer on channel %r: %s", request.channel, logs.one_line(exc))
+
+    def _broken(self) -> bool:
+        return self.conn is None or self.conn.closed or self.conn.broken
+
+    def dispatch(self, request: Request) -> tuple[str, str]:
+        handler = self.handlers.get(request.command)
+        if handler is None:
+            return "UNKNOWN", f'Message "{request.command[:100]}" invalid, command ignored'
+        try:
+            return handler(request)
+        except (ProtocolError, FleetError) as exc:
+            log.warning("%s refused: %s", request.command, exc)
+            return "ERROR", logs.one_line(exc)
+
+    def allowed(self, pid: int) -> bool:
+        """May the sending backend's role signal backends (PostgreSQL 14+ rule)?"""
+        assert self.conn is not None and self.powa is not None
+        if self.conn.info.server_version >= 140000:
+            row = self.conn.execute(_PERMISSION_14, (pid,)).fetchone()
+        else:
+            table = sql.Literal(f"{self.powa.schema}.powa_statements")
+            row = self.conn.execute(_PERMISSION_OLD.format(table), (pid,)).fetchone()
+        # no row: the sender is gone, deny
+        return bool(row and row[0] is True)
+
+    def notify(self, channel: str, payload: str) -> None:
+        assert self.conn is not None
+        self.conn.execute(
+            sql.SQL("NOTIFY {}, {}").format(sql.Identifier(channel), sql.Literal(payload))
+        )
+
+    # ------------------------------------------------------------------ commands
+    def do_workers_status(self, request: Request) -> tuple[str, str]:
+        if not request.answers:
+            return "OK", ""
+        wanted = None
+        # like upstream: only the first argument counts, a non-number means all
+        if request.args and protocol.is_id(request.args[0]):
+            wanted = int(request.args[0])
+        statuses = self.board.statuses(wanted)
+        room = protocol.MAX_PAYLOAD - len(f"{request.command} OK ".encode())
+        return "OK", protocol.workers_status_json(statuses, room)
+
+    def do_reload(self, request: Request) -> tuple[str, str]:
+        if self._reload_outcome is None:
+            try:
+                self.reload()
+                self._reload_outcome = ("OK", "OK")
+            except (FleetError, SupervisorError) as exc:
+                log.error("reload failed: %s", exc)
+                self._reload_outcome = ("ERROR", logs.one_line(exc))
+        return self._reload_outcome
+
+    def do_force_snapshot(self, request: Request) -> tuple[str, str]:
+        srvid = protocol.parse_srvid(request.args)
+        view = self._view(srvid)
+        if view.status == DISABLED:
+            raise ProtocolError(f"Server id {srvid} is disabled (no symlink in workers_enabled/)")
+        if view.program_state != "RUNNING":
+            raise ProtocolError(f"worker_{srvid} is not running ({view.status})")
+        token = secrets.token_hex(8)
+        reply_to = reply_key(self.cfg.redis.prefix, token)
+        request_text = json.dumps({"command": "force_snapshot", "reply_to": reply_to})
+        key = commands_key(self.cfg.redis.prefix, srvid)
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.rpush(key, request_text)
+                # a worker that never reads it must not find it much later
+                pipe.expire(key, 30)
+                pipe.execute()
+            reply = self.redis.blpop([reply_to], timeout=WORKER_REPLY_TIMEOUT)
+        except redis.RedisError as exc:
+            raise ProtocolError(f"cannot reach worker_{srvid} through Redis: "
+                                f"{logs.one_line(exc)}") from None
+        if reply is None:
+            raise ProtocolError(f"worker_{srvid} did not answer within "
+                                f"{WORKER_REPLY_TIMEOUT:.0f}s (stuck?)")
+        answer = json.loads(reply[1])
+        return str(answer["status"]), str(answer["data"])
+
+    def do_refresh_db_cat(self, request: Request) -> tuple[str, str]:
+        srvid, _ = protocol.parse_refresh_db_cat(request.args)
+        self._view(srvid)
+        assert self.powa is not None
+        raise ProtocolError(
+            f"REFRESH_DB_CAT needs PoWA 5 or later on the repository: it has PoWA"
+            f" {self.powa.version}, which keeps no per-database catalogs"
+        )
+
+    def _view(self, srvid: int) -> WorkerView:
+        views = self.board.views(srvid)
+        if not views:
+            raise ProtocolError(f"Server id {srvid} not found")
+        return views[0]
+
+    # ------------------------------------------------------------------ reload
+    def _servers(self) -> list[Server]:
+        assert self.conn is not None and self.powa is not None
+        return repository.list_servers(self.conn, self.powa)
+
+    def _remember(self, servers: list[Server]) -> dict[int, str]:
+        previous = self.fingerprints
+        self.fingerprints = {s.srvid: s.fingerprint() for s in servers}
+        return previous
+
+    def reload(self) -> None:
+        """Regenerate, apply to supervisord, tell changed workers to re-read their row."""
+        started = time.monotonic()
+        servers = self._servers()
+        report = fleet.generate(self.cfg, [s.srvid for s in servers])
+        supervisor = Supervisor(self.cfg.supervisor_socket)
+        applied = supervisor.apply()
+        self.board.processes.invalidate()
+        previous = self._remember(servers)
+        changed = {s for s, fp in self.fingerprints.items() if s in previous and previous[s] != fp}
+        # only a worker that published its status has its SIGHUP handler in place (a
+        # starting one would die of it); it re-reads its row when changed, and retries
+        # its connections at once when it had lost them, as upstream's reload does
+        listening = [view for view in self.board.views() if _published(view)]
+        lost = (STATUS_NO_REMOTE, STATUS_NO_REPOSITORY)
+        wanted = [view.srvid for view in listening if view.srvid in changed or view.status in lost]
+        signalled = [s for s in wanted if supervisor.signal(fleet.program_name(s), "HUP")]
+        log.info(
+            "reload done in %.2fs: %d new, %d removed, %d started, %d stopped, %d re-read",
+            time.monotonic() - started, len(report.added), len(report.removed),
+            len(applied.added), len(applied.removed), len(signalled),
+        )
+
+    def _reload_logged(self, why: str) -> None:
+        try:
+            self.reload()
+        except (FleetError, SupervisorError, psycopg.Error) as exc:
+            log.error("%s reload failed: %s", why, logs.one_line(exc))
+
+
+def _published(view: WorkerView) -> bool:
+    """The running process of this program wrote its own status."""
+    return (view.program_state == "RUNNING" and view.document is not None
+            and view.document.get("pid") == view.pid)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m collector.control",
+        description="Answer PoWA's collector protocol for a powa-fleet.",
+    )
+    parser.add_argument("-c", "--config", help="collector.cfg (default: $POWA_FLEET_CONFIG, "
+                        "else the checkout's collector.cfg)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(args.config)
+    except FleetError as exc:
+        for line in str(exc).splitlines():
+            print(f"control: {line}", file=sys.stderr)
+        return exc.exit_code
+    logs.REDACTOR.add(*cfg.secrets())
+    logs.setup("control", cfg.collector.log_level)
+    return Control(cfg).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The control process: PoWA's protocol, answered like upstream, with real supervisord and Redis."""
+
+from __future__ import annotations
+
+import string
+import time
+from collections.abc import Callable
+
+import psycopg
+import pytest
+import simplejson as json
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from collector import sandbox
+from collector.client import Answer, Client
+from tests.conftest import Supervisord, start_supervisord
+from tests.helpers import Fleet, Repo, wait_for
+
+WORKERS = ("worker_1", "worker_2", "worker_3")
+
+
+def ask(repo: Repo, command: str, *args: str, timeout: float = 1.0) -> Answer:
+    """One request exactly like powa-web: its 1s timeout for WORKERS_STATUS."""
+    with Client(repo.dsn) as client:
+        answers = client.ask(command, args, timeout=timeout)
+    assert len(answers) == 1, f"no answer to {command} {args}"
+    return answers[0]
+
+
+def answered(repo: Repo) -> bool:
+    with Client(repo.dsn) as client:
+        return bool(client.ask("WORKERS_STATUS", ("1",), timeout=1))
+
+
+def workers_status(repo: Repo, *srvid: str) -> dict[str, str]:
+    answer = ask(repo, "WORKERS_STATUS", *srvid)
+    assert answer.status == "OK", answer
+    return json.loads(answer.data)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def running(fleet: Fleet, repo: Repo, supervisord: Supervisord) -> Supervisord:
+    supervisord.wait_running("control", *WORKERS)
+    wait_for(lambda: set(workers_status(repo).values()) == {"running"}, 20, "all running")
+    return supervisord
+
+
+def test_answers_like_upstream_to_a_powa_web_client(
+    fleet: Fleet, repo: Repo, running: Supervisord
+) -> None:
+    assert workers_status(repo) == {"1": "running", "2": "running", "3": "running"}
+    assert workers_status(repo, "2") == {"2": "running"}
+    assert workers_status(repo, "42") == {}
+    # only the first argument counts; a non-number means every server, as upstream
+    assert workers_status(repo, "abc") == workers_status(repo)
+    reload = ask(repo, "RELOAD", timeout=5)
+    assert (reload.status, reload.data) == ("OK", "OK")
+    bogus = ask(repo, "BOGUS")
+    assert bogus.status == "UNKNOWN"
+    assert bogus.data == 'Message "BOGUS" invalid, command ignored'
+    refresh = ask(repo, "REFRESH_DB_CAT", "1", "0")
+    assert refresh.status == "ERROR"
+    assert "PoWA 5" in refresh.data
+    malformed = ask(repo, "REFRESH_DB_CAT", "1", "2", "onlyone")
+    assert "Caller asked for 2 db, but found 1" in malformed.data
+    assert ask(repo, "FORCE_SNAPSHOT", "77").data == "Server id 77 not found"
+    assert ask(repo, "FORCE_SNAPSHOT").data.startswith('Command "')
+
+
+def test_force_snapshot_gives_a_new_snapshot_within_seconds(
+    fleet: Fleet, repo: Repo, supervisord: Supervisord
+) -> None:
+    # the schedule puts the next snapshot minutes away
+    repo.due_in(2, 200, frequency=300)
+    supervisord.ctl("restart", "worker_2")
+    supervisord.wait_running("control", "worker_2")
+    wait_for(lambda: workers_status(repo, "2") == {"2": "running"}, 15, "worker_2 running")
+    before = repo.one("SELECT snapts FROM powa_snapshot_metas WHERE srvid = 2")
+    answer = ask(repo, "FORCE_SNAPSHOT", "2", timeout=3)
+    assert answer.status == "OK", answer
+    assert answer.data in ("Snapshot in progress", "Snapshot will begin shortly")
+    wait_for(lambda: repo.one("SELECT snapts FROM powa_snapshot_metas WHERE srvid = 2") > before,
+             5, "a new snapts")
+    again = ask(repo, "FORCE_SNAPSHOT", "2", timeout=3)
+    assert (again.status, again.data) == ("ERROR", "Last snapshot was less than 10s. ago")
+
+
+def test_stopped_worker_and_unreachable_remote(
+    fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
+) -> None:
+    remote = cluster_factory(workload=20)
+    with repo.connect() as conn:
+        srvid = sandbox.register_remote(conn, remote, alias="down", frequency=5)
+    assert fleet.generate().returncode == 0
+    supervisord = start_supervisord(fleet)
+    try:
+        supervisord.wait_running("control", f"worker_{srvid}", *WORKERS)
+        wait_for(lambda: workers_status(repo, str(srvid)) == {str(srvid): "running"}, 20,
+                 "the new worker running")
+        supervisord.ctl("stop", "worker_2")
+        assert workers_status(repo, "2") == {"2": "stopped"}
+        assert workers_status(repo)["2"] == "stopped"
+        remote.stop()
+        wait_for(lambda: workers_status(repo, str(srvid)) ==
+                 {str(srvid): "no connection to remote server"}, 10, "the remote down")
+        (fleet.directory / "workers_enabled" / "worker_1.conf").unlink()
+        assert workers_status(repo, "1") == {"1": "disabled"}
+        force = ask(repo, "FORCE_SNAPSHOT", "1")
+        assert force.status == "ERROR" and "disabled" in force.data
+        stopped = ask(repo, "FORCE_SNAPSHOT", "2")
+        assert stopped.status == "ERROR" and "not running" in stopped.data
+    finally:
+        supervisord.stop()
+
+
+def test_reload_adds_changes_and_removes_servers(
+    fleet: Fleet, repo: Repo, running: Supervisord,
+    cluster_factory: Callable[..., sandbox.Cluster],
+) -> None:
+    pids = {name: running.pid(name) for name in WORKERS}
+    remote = cluster_factory(workload=20)
+    with repo.connect() as conn:
+        srvid = sandbox.register_remote(conn, remote, alias="added", frequency=5)
+    reload = ask(repo, "RELOAD", timeout=10)
+    assert (reload.status, reload.data) == ("OK", "OK")
+    # answered once it is done: the new worker is there already
+    assert running.state(f"worker_{srvid}") in ("STARTING", "RUNNING")
+    wait_for(lambda: repo.snapshots(srvid) >= 1, 12, "the added server snapshotting")
+    assert workers_status(repo, str(srvid)) == {str(srvid): "running"}
+    assert {name: running.pid(name) for name in WORKERS} == pids
+    # a changed row: that worker re-reads it, without a restart
+    repo.set_frequency(7, 3)
+    assert ask(repo, "RELOAD", timeout=10).status == "OK"
+    wait_for(lambda: (fleet.status(3) or {}).get("frequency") == 7, 5, "frequency 7 adopted")
+    assert {name: running.pid(name) for name in WORKERS} == pids
+    assert "SIGHUP: reading the server row again" not in (
+        fleet.directory / "logs" / "worker_1.log").read_text()
+    # a deleted server: its program goes
+    repo.execute("SELECT powa_delete_and_purge_server(%s)", (srvid,))
+    assert ask(repo, "RELOAD", timeout=10).status == "OK"
+    assert running.state(f"worker_{srvid}") is None
+    assert str(srvid) not in workers_status(repo)
+    # SIGHUP to the control process is a RELOAD too
+    repo.set_frequency(9, 3)
+    running.rpc.signal("control", "HUP")
+    wait_for(lambda: (fleet.status(3) or {}).get("frequency") == 9, 10, "frequency 9 adopted")
+
+
+def test_permission_denied_for_roles_that_cannot_signal(
+    repo: Repo, running: Supervisord
+) -> None:
+    repo.execute("CREATE ROLE viewer LOGIN")
+    repo.execute("CREATE ROLE operator LOGIN IN ROLE pg_signal_backend")
+    for role, expected in (("viewer", "Permission denied"), ("operator", None)):
+        with Client(repo.cluster.dsn(user=role)) as client:
+            answers = client.ask("WORKERS_STATUS", (), timeout=2)
+            reload = client.ask("RELOAD", (), timeout=5)
+        assert len(answers) == 1
+        if expected:
+            assert (answers[0].status, answers[0].data) == ("ERROR", expected)
+            assert (reload[0].status, reload[0].data) == ("ERROR", expected)
+        else:
+            assert answers[0].status == "OK"
+            assert reload[0].status == "OK"
+
+
+def test_listening_again_after_the_connection_is_killed(
+    repo: Repo, running: Supervisord
+) -> None:
+    killed = repo.one(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE application_name = 'powa-fleet control'"
+    )
+    assert killed is True
+    started = time.monotonic()
+    wait_for(lambda: repo.one(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'powa-fleet control'"
+    ), 10, "the control to reconnect")
+    assert workers_status(repo, "1") == {"1": "running"}
+    assert time.monotonic() - started < 10
+    log = (running.fleet.directory / "logs" / "control.log").read_text()
+    assert "notifications sent meanwhile are lost" in log
+
+
+PAYLOAD_TEXT = st.text(
+    alphabet=st.sampled_from([*string.printable, "é", "漢", "☃", "\u00a0", "%", "{", "}"]),
+    max_size=200,
+)
+PAYLOADS = st.one_of(
+    PAYLOAD_TEXT,
+    st.builds(lambda c, ch, a: f"{c} {ch} {a}",
+              st.sampled_from(["WORKERS_STATUS", "RELOAD", "FORCE_SNAPSHOT", "REFRESH_DB_CAT",
+                               "X", ""]),
+              st.one_of(PAYLOAD_TEXT, st.sampled_from(
+                  ['x"; DROP TABLE canary; --', "a" * 64, "é" * 40, "-", 'q"q', "%s"])),
+              PAYLOAD_TEXT),
+    st.just("WORKERS_STATUS " + "x" * 7900),
+    st.just("FORCE_SNAPSHOT r1 " + "9" * 7000),
+)
+
+
+def test_arbitrary_payloads_never_stop_the_control(
+    repo: Repo, running: Supervisord
+) -> None:
+    repo.execute("CREATE TABLE canary (x int)")
+    pid = running.pid("control")
+    sent: list[str] = []
+    with psycopg.connect(repo.dsn, autocommit=True) as sender:
+
+        @settings(max_examples=150, deadline=None, derandomize=True,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture])
+        @given(payloads=st.lists(PAYLOADS, min_size=1, max_size=10))
+        def fuzz(payloads: list[str]) -> None:
+            for payload in payloads:
+                sender.execute("SELECT pg_notify('powa_collector', %s)", (payload,))
+                sent.append(payload)
+
+        fuzz()
+    assert len(sent) > 150
+    # still answering well-formed requests, same process, nothing else executed
+    wait_for(lambda: answered(repo), 60, "an answer")
+    assert workers_status(repo, "1") == {"1": "running"}
+    assert running.pid("control") == pid
+    assert repo.one("SELECT count(*) FROM canary") == 0
+    assert repo.one("SELECT count(*) FROM pg_class WHERE relname = 'canary'") == 1
+    log = (running.fleet.directory / "logs" / "control.log").read_text()
+    assert "Traceback" not in log
+    assert set(workers_status(repo).values()) == {"running"}
+
+
+def test_sigterm_stops_the_control(repo: Repo, running: Supervisord) -> None:
+    assert "control: stopped" in running.ctl("stop", "control").stdout
+    assert running.state("control") == "STOPPED"
+    assert not repo.one(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'powa-fleet control'"
+    )
+    with Client(repo.dsn) as client:
+        assert client.ask("WORKERS_STATUS", (), timeout=1) == []

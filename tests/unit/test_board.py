@@ -1,0 +1,39 @@
+"""How a server's status is derived from its program state and its Redis status."""
+
+from __future__ import annotations
+
+from collector.board import DISABLED, STARTING, STUCK, derive_status
+
+RUNNING = {"statename": "RUNNING", "pid": 10, "start": 1000}
+
+
+def test_disabled_and_unknown_programs() -> None:
+    assert derive_status(False, RUNNING, None, 2000, 30) == DISABLED
+    assert "apply pending" in derive_status(True, None, None, 2000, 30)
+
+
+def test_running_worker_speaks_for_itself() -> None:
+    document = {"pid": 10, "status": "no connection to remote server"}
+    assert derive_status(True, RUNNING, document, 2000, 30) == "no connection to remote server"
+
+
+def test_expired_key_of_a_running_program_means_stuck() -> None:
+    assert derive_status(True, RUNNING, None, 2000, 30) == STUCK
+    # a key written by an older process of that program does not count
+    assert derive_status(True, RUNNING, {"pid": 9, "status": "running"}, 2000, 30) == STUCK
+    # unless the program just started and has not written yet
+    assert derive_status(True, RUNNING, None, 1010, 30) == STARTING
+
+
+def test_a_worker_younger_than_startsecs_already_reports() -> None:
+    starting = {"statename": "STARTING", "pid": 10}
+    assert derive_status(True, starting, {"pid": 10, "status": "running"}, 0, 30) == "running"
+    assert derive_status(True, starting, None, 0, 30) == STARTING
+
+
+def test_program_states() -> None:
+    for state, expected in [("STOPPED", "stopped"), ("EXITED", "stopped"),
+                            ("STOPPING", "stopping"), ("STARTING", STARTING)]:
+        assert derive_status(True, {"statename": state}, None, 0, 30) == expected
+    assert "FATAL" in derive_status(True, {"statename": "FATAL"}, None, 0, 30)
+    assert "BACKOFF" in derive_status(True, {"statename": "BACKOFF"}, None, 0, 30)
