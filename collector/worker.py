@@ -183,6 +183,7 @@ class Worker:
         self.last_error_at: float | None = None
         self.snapshots_ok = 0
         self.snapshots_failed = 0
+        self.consecutive_failures = 0
         self.last_status: str | None = None
 
     # ------------------------------------------------------------------ life cycle
@@ -435,25 +436,28 @@ class Worker:
 
     def _account(self, result: SnapshotResult | None) -> None:
         self.last_result = result
-        event: dict[str, Any] = self._event_base()
-        if result is not None and result.outcome != "failed":
+        stored = result is not None and result.outcome != "failed"
+        if stored:
             self.snapshots_ok += 1
-            if not result.errors:
+            self.consecutive_failures = 0
+        else:
+            self.snapshots_failed += 1
+            self.consecutive_failures += 1
+        if result is not None:
+            if stored and not result.errors:
                 self.last_error = None
+            for error in result.errors:
+                self._error(error)
+        fields = _result_fields(result) if result is not None else {}
+        if stored and result is not None:
             log.info(
                 "snapshot of server %d stored in %.3fs (%d rows, %d errors)",
                 self.srvid, result.duration, sum(result.rows.values()), result.error_count,
             )
-            for error in result.errors:
-                self._error(error)
-            self.events.emit("snapshot_done", {**event, **_result_fields(result)})
+            self.events.emit("snapshot_done", {**self._event_base(), **fields})
         else:
-            self.snapshots_failed += 1
-            if result is not None:
-                for error in result.errors:
-                    self._error(error)
-            fields = _result_fields(result) if result else {}
-            self.events.emit("snapshot_failed", {**event, **fields, "error": self.last_error})
+            self.events.emit("snapshot_failed",
+                             {**self._event_base(), **fields, "error": self.last_error})
         self.publish()
 
     # ------------------------------------------------------------------ commands
@@ -548,6 +552,7 @@ class Worker:
             "time": iso(time.time()),
             "snapshots_ok": self.snapshots_ok,
             "snapshots_failed": self.snapshots_failed,
+            "consecutive_failures": self.consecutive_failures,
         }
 
     # ------------------------------------------------------------------ --once
