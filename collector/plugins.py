@@ -15,8 +15,9 @@ delays or fails a snapshot.
 Events are plain dicts: ``kind`` (``snapshot_done``, ``snapshot_failed``,
 ``status_changed``), ``srvid``, ``alias``, ``status``, ``previous_status``
 (status_changed), ``host``, ``time``, counters ``snapshots_ok``,
-``snapshots_failed`` and ``consecutive_failures``, and for snapshots ``outcome``, ``duration``, ``rows``
-(per module), ``errors``, ``timings``, ``error``.  Never a password.
+``snapshots_failed`` and ``consecutive_failures``, and for snapshots
+``outcome``, ``duration``, ``rows`` (per module), ``errors``, ``timings``,
+``error``.  Never a password.
 """
 
 from __future__ import annotations
