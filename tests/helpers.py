@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -83,8 +87,9 @@ class Repo:
             self.execute("UPDATE powa_servers SET frequency = %s WHERE id = %s", (frequency, srvid))
 
     def due_in(self, srvid: int, seconds: float, frequency: int) -> None:
-        """Set a frequency and a last snapshot time so that a worker starting now
-        takes its first snapshot in about ``seconds`` (it resumes from snapts)."""
+        """Set a frequency and a last snapshot time so that the first snapshot of a
+        worker is due ``seconds`` from now (it resumes from snapts).  The worker must
+        read its row before that, else snapts is stale and it picks a random start."""
         self.execute("UPDATE powa_servers SET frequency = %s WHERE id = %s", (frequency, srvid))
         self.execute(
             "UPDATE powa_snapshot_metas SET snapts = now() - make_interval(secs => %s)"
@@ -187,6 +192,30 @@ class Fleet:
     def stop_all(self) -> None:
         for process in self.processes:
             stop_process(process)
+
+
+def web_ui(port: int, auth: tuple[str, str] | None) -> tuple[int, str]:
+    """GET the supervisord web UI page: (HTTP status, page)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/")
+    if auth:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, ""
+
+
+def web_states(page: str) -> dict[str, str]:
+    """Program name -> state text, as the rows of the web UI's status table show them."""
+    states = {}
+    for row in re.findall(r"<tr.*?</tr>", page, re.S):
+        state = re.search(r'class="status\w+">([^<]+)<', row)
+        name = re.search(r"processname=([\w:.-]+)", row)
+        if state and name:
+            states[name.group(1)] = state.group(1)
+    return states
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 30) -> int | None:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import stat
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from collector import sandbox
 from tests.conftest import Supervisord, start_supervisord
-from tests.helpers import Fleet, Repo, wait_for
+from tests.helpers import Fleet, Repo, wait_for, web_states, web_ui
 
 WORKERS = ("worker_1", "worker_2", "worker_3")
 
@@ -31,18 +28,6 @@ HOSTILE = [
 
 def files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
-
-
-def web(fleet: Fleet, auth: tuple[str, str] | None) -> tuple[int, str]:
-    request = urllib.request.Request(f"http://127.0.0.1:{fleet.http_port}/")
-    if auth:
-        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, ""
 
 
 def test_generated_files(fleet: Fleet, repo: Repo) -> None:
@@ -86,26 +71,24 @@ def test_three_servers_run_and_snapshot_under_supervisord(
     fleet: Fleet, repo: Repo, supervisord: Supervisord
 ) -> None:
     for srvid in repo.srvids:
-        repo.due_in(srvid, 1, frequency=5)
+        repo.due_in(srvid, 4, frequency=5)
     supervisord.ctl("restart", "all")
     supervisord.wait_running("control", *WORKERS)
     wait_for(lambda: all(repo.snapshots(s) >= 1 for s in repo.srvids), 20,
              "snapshots of every server")
     # the web UI: basic auth, and every program listed
-    assert web(fleet, None)[0] == 401
-    assert web(fleet, ("admin", "wrong"))[0] == 401
-    code, page = web(fleet, ("admin", "web-secret"))
+    assert web_ui(fleet.http_port, None)[0] == 401
+    assert web_ui(fleet.http_port, ("admin", "wrong"))[0] == 401
+    code, page = web_ui(fleet.http_port, ("admin", "web-secret"))
     assert code == 200
-    for name in ("control", *WORKERS):
-        assert name in page
-    assert page.count("statusrunning") >= 4
+    assert web_states(page) == dict.fromkeys(("control", *WORKERS), "running")
 
 
 def test_stop_and_start_one_worker(
     fleet: Fleet, repo: Repo, supervisord: Supervisord
 ) -> None:
     for srvid in repo.srvids:
-        repo.due_in(srvid, 1, frequency=5)
+        repo.due_in(srvid, 4, frequency=5)
     supervisord.ctl("restart", "all")
     supervisord.wait_running(*WORKERS)
     wait_for(lambda: all(repo.snapshots(s) >= 1 for s in repo.srvids), 20, "snapshots")
@@ -161,7 +144,7 @@ def test_add_and_delete_servers_touch_no_other_worker(
     remote = cluster_factory(workload=20)
     with repo.connect() as conn:
         srvid = sandbox.register_remote(conn, remote, alias="fourth")
-    repo.due_in(srvid, 1, frequency=5)
+    repo.due_in(srvid, 3, frequency=5)
     result = fleet.generate("--apply")
     assert result.returncode == 0, result.stderr
     assert f"worker_{srvid}: started" in result.stdout
