@@ -195,7 +195,12 @@ WIDE_COLUMNS = 60
 
 
 def create_workload(remote: Cluster, statements: int = 200) -> None:
-    """Run ``statements`` distinct queries (each with quals) so every source has data."""
+    """Run ``statements`` distinct queries (each with quals) so every source has data.
+
+    Up to 3600 of them select one column of table ``wide`` filtered on another;
+    beyond, a second selected column makes more shapes (pg_stat_statements
+    tells queries apart by the columns they use, not by constants).
+    """
     names = [sql.Identifier(f"c{i}") for i in range(WIDE_COLUMNS)]
     with remote.connect() as conn:
         conn.execute(
@@ -209,11 +214,17 @@ def create_workload(remote: Cluster, statements: int = 200) -> None:
             )
         )
         conn.execute("ANALYZE wide")
+        square = WIDE_COLUMNS * WIDE_COLUMNS
         with conn.pipeline():
             for n in range(statements):
-                i, j = divmod(n % (WIDE_COLUMNS * WIDE_COLUMNS), WIDE_COLUMNS)
+                extra, rest = divmod(n, square)
+                i, j = divmod(rest, WIDE_COLUMNS)
+                columns = [names[i]] + ([names[extra % WIDE_COLUMNS]] if extra else [])
                 conn.execute(
-                    sql.SQL("SELECT {} FROM wide WHERE {} = %s").format(names[i], names[j]), (n,)
+                    sql.SQL("SELECT {} FROM wide WHERE {} = %s").format(
+                        sql.SQL(", ").join(columns), names[j]
+                    ),
+                    (n,),
                 )
 
 

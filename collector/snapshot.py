@@ -44,6 +44,9 @@ from collector.repository import Conn, PowaExtension, record_errors, require_pow
 
 log = logging.getLogger(__name__)
 
+#: bytes of COPY data held between the remote and the repository
+CHUNK_SIZE = 64 * 1024
+
 
 @dataclass(frozen=True)
 class Source:
@@ -133,7 +136,6 @@ def _clear_tmp(repo: Conn, powa: PowaExtension, srvid: int, sources: list[Source
 class Snapshot:
     """Takes one snapshot; ``run()`` returns a SnapshotResult or raises.
 
-    ``tick`` is called as data flows (a liveness signal for the caller).
     ``cancelled`` tells whether the caller cancelled the queries on purpose
     (stop): then the whole snapshot is rolled back instead of recorded.
     Exceptions: RemoteUnavailable when the remote connection is lost,
@@ -147,14 +149,12 @@ class Snapshot:
         srvid: int,
         *,
         remote_timeout_ms: int,
-        tick: Callable[[], None] = lambda: None,
         cancelled: Callable[[], bool] = lambda: False,
     ) -> None:
         self.repo = repo
         self.remote = remote
         self.srvid = srvid
         self.remote_timeout_ms = remote_timeout_ms
-        self.tick = tick
         self.cancelled = cancelled
         self.result = SnapshotResult(srvid=srvid, started_at=time.time())
 
@@ -270,10 +270,16 @@ class Snapshot:
         assert remote is not None
         with self.repo.cursor() as into, remote.cursor() as out:
             with into.copy(target) as copy_in, out.copy(query) as copy_out:
-                for n, block in enumerate(copy_out):
-                    copy_in.write(block)
-                    if n % 1000 == 0:
-                        self.tick()
+                # rows arrive one by one; hand them over in chunks (fewer libpq calls),
+                # so memory holds one chunk at most, whatever the number of rows
+                chunk = bytearray()
+                for row in copy_out:
+                    chunk += row
+                    if len(chunk) >= CHUNK_SIZE:
+                        copy_in.write(chunk)
+                        chunk = bytearray()
+                if chunk:
+                    copy_in.write(chunk)
             return into.rowcount
 
     def _take(self, powa: PowaExtension, data: psycopg.Transaction) -> None:
