@@ -28,6 +28,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import math
 import queue
 import sys
 import threading
@@ -103,6 +104,37 @@ class Plugin:
         """The worker stops: release what the plugin holds."""
 
 
+def number(low: float, high: float) -> Callable[[str], float]:
+    """A ``setting`` converter: a number from ``low`` to ``high`` (seconds, ratios...)."""
+
+    def convert(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        # nan and inf fail the comparison too
+        if not low <= value <= high:
+            raise ValueError(f"expected a number from {low:g} to {high:g}, got {raw!r}")
+        return value
+
+    return convert
+
+
+def integer(low: int, high: int) -> Callable[[str], int]:
+    """A ``setting`` converter: an integer from ``low`` to ``high``."""
+
+    def convert(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise ValueError(f"expected an integer from {low} to {high}, got {raw!r}")
+        return value
+
+    return convert
+
+
 class Dispatcher:
     """Where a worker sends its events."""
 
@@ -127,17 +159,21 @@ class PluginRunner(threading.Thread):
     def __init__(self, plugin: Plugin, size: int = QUEUE_SIZE) -> None:
         super().__init__(name=f"plugin-{plugin.name}", daemon=True)
         self.plugin = plugin
-        self.queue: queue.Queue[tuple[str, Event] | None] = queue.Queue(maxsize=size)
+        self.size = size
+        # one slot more than events may take: the stop request always finds room
+        self.queue: queue.Queue[tuple[str, Event] | None] = queue.Queue(maxsize=size + 1)
         self.dropped = 0
         self.failures = 0
         self.delivered = 0
-        self._busy_since: float | None = None
+        # (hook, monotonic start) while a hook runs; one assignment, read by the monitor
+        self._busy: tuple[str, float] | None = None
         self._hung_reported = False
 
     def offer(self, kind: str, event: Event) -> bool:
         """Queue an event without waiting; False (and counted) when the queue is full."""
-        self._report_hung()
         try:
+            if self.queue.qsize() >= self.size:
+                raise queue.Full
             self.queue.put_nowait((kind, event))
         except queue.Full:
             self.dropped += 1
@@ -147,41 +183,51 @@ class PluginRunner(threading.Thread):
             return False
         return True
 
-    def _report_hung(self) -> None:
-        since = self._busy_since
-        if since is not None and not self._hung_reported:
-            busy = time.monotonic() - since
-            if busy > self.plugin.timeout:
-                self._hung_reported = True
-                log.error("plugin %s: a hook has been running for %.0fs (timeout %ss): hung?",
-                          self.plugin.name, busy, self.plugin.timeout)
+    def check_hung(self, now: float) -> bool:
+        """Report, once per hook call, a hook running past the plugin's timeout."""
+        busy = self._busy
+        if busy is None or self._hung_reported:
+            return False
+        kind, since = busy
+        if now - since <= self.plugin.timeout:
+            return False
+        self._hung_reported = True
+        log.error("plugin %s: %s has been running for %.0fs (timeout %gs): hung?",
+                  self.plugin.name, kind, now - since, self.plugin.timeout)
+        return True
 
     def run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                break
-            kind, event = item
-            self._busy_since = time.monotonic()
-            self._hung_reported = False
-            try:
-                getattr(self.plugin, kind)(event)
-                self.delivered += 1
-            except Exception:
-                self.failures += 1
-                log.exception("plugin %s failed in %s", self.plugin.name, kind)
-            finally:
-                elapsed = time.monotonic() - self._busy_since
-                self._busy_since = None
-            if elapsed > self.plugin.timeout:
-                log.warning("plugin %s took %.1fs in %s (timeout %ss)",
-                            self.plugin.name, elapsed, kind, self.plugin.timeout)
+        while (item := self.queue.get()) is not None:
+            self._deliver(*item)
 
-    def stop(self, timeout: float) -> None:
+    def _deliver(self, kind: str, event: Event) -> None:
+        started = time.monotonic()
+        self._hung_reported = False
+        self._busy = (kind, started)
+        try:
+            getattr(self.plugin, kind)(event)
+            self.delivered += 1
+        except (Exception, SystemExit):
+            # SystemExit too: a hook calling sys.exit() would silently end this thread
+            self.failures += 1
+            log.exception("plugin %s failed in %s", self.plugin.name, kind)
+        finally:
+            self._busy = None
+        elapsed = time.monotonic() - started
+        if elapsed > self.plugin.timeout:
+            log.warning("plugin %s took %.1fs in %s (timeout %gs)",
+                        self.plugin.name, elapsed, kind, self.plugin.timeout)
+
+    def request_stop(self) -> None:
+        """Ask the thread to end once the events already queued are delivered."""
         with contextlib.suppress(queue.Full):
             self.queue.put_nowait(None)
-        self.join(timeout)
+
+    def close_plugin(self) -> None:
+        if self.dropped:
+            log.warning("plugin %s: %d event(s) dropped in all", self.plugin.name, self.dropped)
         if self.is_alive():
+            # closing under a hook still running could break the plugin's own state
             log.warning("plugin %s did not finish its events in time", self.plugin.name)
             return
         try:
@@ -190,11 +236,33 @@ class PluginRunner(threading.Thread):
             log.exception("plugin %s failed to close", self.plugin.name)
 
 
+class HangMonitor(threading.Thread):
+    """Reports hung hooks even when no new event comes to reveal them."""
+
+    interval = 1.0
+
+    def __init__(self, runners: list[PluginRunner]) -> None:
+        super().__init__(name="plugin-monitor", daemon=True)
+        self.runners = runners
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            now = time.monotonic()
+            for runner in self.runners:
+                runner.check_hung(now)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
 class PluginDispatcher(Dispatcher):
-    def __init__(self, plugins: list[Plugin]) -> None:
-        self.runners = [PluginRunner(plugin) for plugin in plugins]
+    def __init__(self, plugins: list[Plugin], queue_size: int = QUEUE_SIZE) -> None:
+        self.runners = [PluginRunner(plugin, queue_size) for plugin in plugins]
         for runner in self.runners:
             runner.start()
+        self.monitor = HangMonitor(self.runners)
+        self.monitor.start()
 
     def emit(self, kind: str, event: Event) -> None:
         if kind not in HOOKS:
@@ -205,9 +273,15 @@ class PluginDispatcher(Dispatcher):
             runner.offer(kind, copy.deepcopy(event))
 
     def close(self, timeout: float = 2.0) -> None:
+        """Let the plugins finish their queued events within ``timeout``, together."""
+        self.monitor.stop()
+        for runner in self.runners:
+            runner.request_stop()
         deadline = time.monotonic() + timeout
         for runner in self.runners:
-            runner.stop(max(0.0, deadline - time.monotonic()))
+            runner.join(max(0.0, deadline - time.monotonic()))
+        for runner in self.runners:
+            runner.close_plugin()
 
 
 def _import(name: str) -> ModuleType:
@@ -249,14 +323,17 @@ def load_plugins(cfg: Config) -> list[Plugin]:
         section = f"plugin:{name}"
         try:
             cls = plugin_class(_import(name))
-        except Exception as exc:
-            problems.append(f"{cfg.path}: [plugins] enabled: cannot load plugin {name!r}: {exc}")
+        except (Exception, SystemExit) as exc:
+            # SystemExit too: a module calling sys.exit() on import is just as broken
+            problems.append(
+                f"{cfg.path}: [plugins] enabled: cannot load plugin {name!r}: {_describe(exc)}"
+            )
             continue
         settings = cfg.plugins.settings.get(name, {})
         try:
             plugin = cls(name, settings)
         except Exception as exc:
-            problems.append(f"{cfg.path}: [{section}]: plugin failed to start: {exc}")
+            problems.append(f"{cfg.path}: [{section}]: plugin failed to start: {_describe(exc)}")
             continue
         problems += [f"{cfg.path}: [{section}] {p}" for p in plugin.problems]
         problems += [f"{cfg.path}: [{section}] {k}: unknown key" for k in plugin.unknown_settings()]
@@ -267,6 +344,11 @@ def load_plugins(cfg: Config) -> list[Plugin]:
     if problems:
         raise ConfigError(problems)
     return plugins
+
+
+def _describe(exc: BaseException) -> str:
+    """One line: problems are printed one per line, and a message may span several."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def load_dispatcher(cfg: Config, srvid: int) -> Dispatcher:
