@@ -10,7 +10,6 @@ whose key expired is reported as stuck.  Used by the control process
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -79,64 +78,12 @@ def derive_status(
     return STARTING if now - float(process.get("start") or 0) < ttl else STUCK
 
 
-class ProcessCache:
-    """supervisord's process table, at most ``max_age`` seconds old.
-
-    A thread keeps it fresh while it is in use, so that answering the status
-    of a whole fleet does not wait for a full XML-RPC round trip.
-    """
-
-    def __init__(self, cfg: Config, max_age: float = 1.0) -> None:
-        self.cfg = cfg
-        self.max_age = max_age
-        self._lock = threading.Lock()
-        self._table: dict[str, dict[str, Any]] = {}
-        self._fetched = 0.0
-        self._used = 0.0
-        self._thread: threading.Thread | None = None
-        self._closing = threading.Event()
-
-    def get(self) -> dict[str, dict[str, Any]]:
-        now = time.monotonic()
-        with self._lock:
-            self._used = now
-            fresh = now - self._fetched <= self.max_age
-            table = self._table
-        if not fresh:
-            table = self.refresh()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="process-cache", daemon=True)
-            self._thread.start()
-        return table
-
-    def refresh(self) -> dict[str, dict[str, Any]]:
-        table = Supervisor(self.cfg.supervisor_socket, timeout=10).all_processes()
-        with self._lock:
-            self._table, self._fetched = table, time.monotonic()
-        return table
-
-    def invalidate(self) -> None:
-        with self._lock:
-            self._fetched = 0.0
-
-    def _run(self) -> None:
-        while not self._closing.wait(self.max_age / 2):
-            if time.monotonic() - self._used > 60:
-                continue
-            try:
-                self.refresh()
-            except SupervisorError as exc:
-                log.debug("process table refresh failed: %s", exc)
-
-    def close(self) -> None:
-        self._closing.set()
-
-
 class StatusBoard:
+    """The fleet's statuses read afresh from supervisord and Redis on every call."""
+
     def __init__(self, cfg: Config, redis_client: redis.Redis | None = None) -> None:
         self.cfg = cfg
         self.redis = redis_client or client(cfg.redis.url)
-        self.processes = ProcessCache(cfg)
         self._dirs_key: tuple[int, int] | None = None
         self._servers: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())
 
@@ -208,16 +155,15 @@ class StatusBoard:
 
     def _processes(self, wanted: list[int], single: bool) -> dict[str, dict[str, Any]] | None:
         try:
-            if single:
-                # one server: ask now, it is cheap and always current
-                supervisor = Supervisor(self.cfg.supervisor_socket, timeout=10)
-                infos = {}
-                for srvid in wanted:
-                    info = supervisor.process(fleet.program_name(srvid))
-                    if info is not None:
-                        infos[info["name"]] = info
-                return infos
-            return self.processes.get()
+            supervisor = Supervisor(self.cfg.supervisor_socket, timeout=10)
+            if not single:
+                return supervisor.all_processes()
+            infos = {}
+            for srvid in wanted:
+                info = supervisor.process(fleet.program_name(srvid))
+                if info is not None:
+                    infos[info["name"]] = info
+            return infos
         except SupervisorError as exc:
             log.warning("cannot read process states: %s", exc)
             return None
@@ -226,5 +172,4 @@ class StatusBoard:
         return {view.srvid: view.status for view in self.views(srvid)}
 
     def close(self) -> None:
-        self.processes.close()
         self.redis.close()

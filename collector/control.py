@@ -37,6 +37,7 @@ from psycopg import sql
 from collector import config, fleet, logs, protocol, repository
 from collector.board import DISABLED, StatusBoard, WorkerView
 from collector.errors import EXIT_OK, FleetError, SupervisorError
+from collector.liveboard import LiveBoard
 from collector.protocol import ProtocolError, Request
 from collector.repository import Conn, PowaExtension, Server
 from collector.schedule import Backoff
@@ -75,6 +76,7 @@ class Control:
         self.conn: Conn | None = None
         self.powa: PowaExtension | None = None
         self.board = StatusBoard(cfg)
+        self.live = LiveBoard(self.board)
         self.redis = client(cfg.redis.url, socket_timeout=WORKER_REPLY_TIMEOUT + 2)
         self.backoff = Backoff(initial=0.5, maximum=30.0)
         self.lost_at: float | None = None
@@ -94,6 +96,7 @@ class Control:
     def run(self) -> int:
         self.flags.install()
         log.info("starting")
+        self.live.start()
         try:
             while not self.flags.stop:
                 self._cycle()
@@ -190,6 +193,7 @@ class Control:
         steps: list[tuple[str, Callable[[], object]]] = [
             ("repository", lambda: self.conn.close() if self.conn else None),
             ("board", self.board.close),
+            ("live board", self.live.close),
             ("redis", self.redis.close),
             ("signals", self.flags.uninstall),
             ("wakeup", self.wakeup.close),
@@ -267,7 +271,10 @@ class Control:
         # like upstream: only the first argument counts, a non-number means all
         if request.args and protocol.is_id(request.args[0]):
             wanted = int(request.args[0])
-        statuses = self.board.statuses(wanted)
+        statuses = None if wanted is not None else self.live.statuses()
+        if statuses is None:
+            # one server, or the live picture is incomplete: ask supervisord and Redis now
+            statuses = self.board.statuses(wanted)
         room = protocol.MAX_PAYLOAD - len(f"{request.command} OK ".encode())
         return "OK", protocol.workers_status_json(statuses, room)
 
@@ -340,7 +347,6 @@ class Control:
         report = fleet.generate(self.cfg, [s.srvid for s in servers])
         supervisor = Supervisor(self.cfg.supervisor_socket)
         applied = supervisor.apply()
-        self.board.processes.invalidate()
         previous = self._remember(servers)
         changed = {s for s, fp in self.fingerprints.items() if s in previous and previous[s] != fp}
         # only a worker that published its status has its SIGHUP handler in place (a

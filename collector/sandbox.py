@@ -80,6 +80,8 @@ class Cluster:
     datadir: Path
     port: int
     host: str = "127.0.0.1"
+    #: more loopback addresses to listen on (one cluster standing for many hosts)
+    aliases: tuple[str, ...] = ()
 
     @property
     def logfile(self) -> Path:
@@ -102,7 +104,8 @@ class Cluster:
             conf.write(lines)
 
     def start(self) -> None:
-        self.configure({"port": str(self.port), "listen_addresses": self.host})
+        self.configure({"port": str(self.port),
+                        "listen_addresses": ",".join((self.host, *self.aliases))})
         subprocess.run(
             _as_postgres(
                 [PG_BIN / "pg_ctl", "-D", self.datadir, "-l", self.logfile, "-w", "-t", "60",

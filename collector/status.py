@@ -3,7 +3,8 @@
 The status of server N is a JSON object at ``<prefix>:worker:N`` with a TTL;
 a heartbeat rewrites it well inside the TTL, so the key of a worker that
 died or froze expires by itself.  Every change is also published on
-``<prefix>:status``.  Publishing happens in a thread of its own with short
+``<prefix>:status``, and a heartbeat without change as ``"<srvid> <pid>"`` on
+``<prefix>:heartbeat``.  Publishing happens in a thread of its own with short
 socket timeouts: a Redis that is down or hung never blocks a snapshot, and
 the latest status is written again as soon as Redis answers.
 """
@@ -40,6 +41,10 @@ def status_channel(prefix: str) -> str:
     return f"{prefix}:status"
 
 
+def heartbeat_channel(prefix: str) -> str:
+    return f"{prefix}:heartbeat"
+
+
 def commands_key(prefix: str, srvid: int) -> str:
     return f"{prefix}:worker:{srvid}:commands"
 
@@ -72,6 +77,8 @@ class StatusPublisher(threading.Thread):
         self.redis = client(url)
         self.key = status_key(prefix, srvid)
         self.channel = status_channel(prefix)
+        self.heartbeat_channel = heartbeat_channel(prefix)
+        self.srvid = srvid
         self.ttl = ttl
         self.heartbeat = max(1.0, ttl / 3)
         self._lock = threading.Lock()
@@ -113,6 +120,9 @@ class StatusPublisher(threading.Thread):
                 pipe.set(self.key, text, ex=self.ttl)
                 if comparable != self._published:
                     pipe.publish(self.channel, text)
+                else:
+                    # nothing changed: followers only learn the worker is alive
+                    pipe.publish(self.heartbeat_channel, f"{self.srvid} {document.get('pid')}")
                 pipe.execute()
         except redis.RedisError as exc:
             if self._down_since is None:

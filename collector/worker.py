@@ -197,6 +197,7 @@ class Worker:
                 return EXIT_OK
             while not self.flags.stop:
                 self._cycle()
+            self.publish()
             return EXIT_OK
         except (UnknownServerError, ServerDisabledError) as exc:
             if self.once:
@@ -285,6 +286,9 @@ class Worker:
         log.info("stopped")
 
     def _final_status(self) -> None:
+        if self.server is not None and not self.once:
+            # plugins hear of the stop (they are closed after this step)
+            self.publish(STATUS_STOPPED)
         if self.publisher is not None:
             self.publisher.close(self.status_document(STATUS_STOPPED))
 
@@ -531,14 +535,15 @@ class Worker:
         if self.publisher is not None:
             self.publisher.update(self.status_document(STATUS_STOPPING))
 
-    def publish(self) -> None:
-        status = self.current_status()
+    def publish(self, status: str | None = None) -> None:
+        """Tell Redis (and the plugins, on a change) the current status."""
+        status = status or self.current_status()
         if status != self.last_status:
             if self.last_status is not None:
                 log.info("status: %s -> %s", self.last_status, status)
-                self.events.emit(
-                    "status_changed", {**self._event_base(), "previous_status": self.last_status}
-                )
+                self.events.emit("status_changed", {
+                    **self._event_base(), "status": status, "previous_status": self.last_status,
+                })
             self.last_status = status
         if self.publisher is not None:
             self.publisher.update(self.status_document(status))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import string
 import time
 from collections.abc import Callable
@@ -12,8 +14,10 @@ import simplejson as json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector import sandbox
+from collector import config, sandbox
+from collector.board import StatusBoard
 from collector.client import Answer, Client
+from collector.liveboard import LiveBoard
 from tests.conftest import Supervisord, start_supervisord
 from tests.helpers import Fleet, Repo, wait_for
 
@@ -237,3 +241,36 @@ def test_sigterm_stops_the_control(repo: Repo, running: Supervisord) -> None:
     )
     with Client(repo.dsn) as client:
         assert client.ask("WORKERS_STATUS", (), timeout=1) == []
+
+
+def test_live_board_follows_the_fleet_without_polling(
+    fleet: Fleet, repo: Repo, running: Supervisord
+) -> None:
+    cfg = config.load(fleet.cfg_path)
+    with fleet.redis() as client:
+        programs = client.hgetall(f"{fleet.prefix}:programs")
+        assert {name.decode() for name in programs} >= {"control", "programs", *WORKERS}
+        assert json.loads(programs[b"worker_1"])["state"] == "RUNNING"
+    direct = StatusBoard(cfg)
+    live = LiveBoard(direct)
+    live.start()
+    try:
+        wait_for(live.statuses, 10, "the live board to load")
+        assert live.statuses() == direct.statuses() == {1: "running", 2: "running", 3: "running"}
+        running.ctl("stop", "worker_2")
+        wait_for(lambda: (live.statuses() or {}).get(2) == "stopped", 5, "worker_2 stopped")
+        running.ctl("start", "worker_2")
+        wait_for(lambda: (live.statuses() or {}).get(2) == "running", 10, "worker_2 back")
+        # a worker that dies without a word: supervisord's event says so at once
+        os.kill(running.pid("worker_3"), signal.SIGKILL)
+        wait_for(lambda: (live.statuses() or {}).get(3) != "running", 5, "worker_3 gone")
+        wait_for(lambda: (live.statuses() or {}).get(3) == "running", 15, "worker_3 restarted")
+        # the event listener gone silent: the live picture is not trusted any more
+        running.ctl("stop", "programs")
+        with fleet.redis() as client:
+            client.delete(f"{fleet.prefix}:programs:alive")
+        live._programs_seen = 0.0
+        assert live.statuses() is None
+    finally:
+        live.close()
+        direct.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collector.board import DISABLED, STARTING, STUCK, derive_status
+from collector.programs import state_from_event
 
 RUNNING = {"statename": "RUNNING", "pid": 10, "start": 1000}
 
@@ -37,3 +38,15 @@ def test_program_states() -> None:
         assert derive_status(True, {"statename": state}, None, 0, 30) == expected
     assert "FATAL" in derive_status(True, {"statename": "FATAL"}, None, 0, 30)
     assert "BACKOFF" in derive_status(True, {"statename": "BACKOFF"}, None, 0, 30)
+
+
+def test_program_state_events() -> None:
+    headers = {"processname": "worker_3", "groupname": "worker_3", "from_state": "STARTING",
+               "pid": "4242"}
+    name, state = state_from_event("PROCESS_STATE_RUNNING", headers)  # type: ignore[misc]
+    assert name == "worker_3"
+    assert state["state"] == "RUNNING"
+    assert state["pid"] == 4242
+    stopped = state_from_event("PROCESS_STATE_FATAL", {"processname": "worker_3"})
+    assert stopped is not None and stopped[1]["state"] == "FATAL" and stopped[1]["pid"] == 0
+    assert state_from_event("TICK_5", {"when": "1"}) is None

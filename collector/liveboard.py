@@ -1,0 +1,193 @@
+"""The statuses of a whole fleet, kept current from Redis channels.
+
+Three channels say everything the control process needs to answer
+WORKERS_STATUS for hundreds of servers without asking anyone:
+
+* ``<prefix>:status``: a worker's status document, on every change;
+* ``<prefix>:heartbeat``: ``"<srvid> <pid>"``, each time a worker refreshes
+  its status key without change;
+* ``<prefix>:programs``: supervisord's program states, from the event
+  listener (collector.programs), and its five-second ticks.
+
+The thread subscribes first, then loads the current state (so nothing falls
+between the two), and after a lost connection does it again.  ``statuses()``
+returns None whenever that picture may be incomplete (not loaded yet, Redis
+away, the event listener silent): the caller then reads supervisord and
+Redis directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import simplejson as json
+
+from collector import fleet
+from collector.board import DISABLED, StatusBoard, derive_status
+from collector.logs import one_line
+from collector.programs import ALIVE_TTL, alive_key, programs_key
+from collector.schedule import Backoff
+from collector.status import client, heartbeat_channel, status_channel, status_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Seen:
+    pid: int
+    status: str
+    #: monotonic time the worker last showed it is alive
+    at: float
+
+
+class LiveBoard(threading.Thread):
+    def __init__(self, direct: StatusBoard) -> None:
+        super().__init__(name="live-board", daemon=True)
+        self.direct = direct
+        self.cfg = direct.cfg
+        prefix = self.cfg.redis.prefix
+        self.redis = client(self.cfg.redis.url, socket_timeout=5.0)
+        self.channels = {
+            status_channel(prefix): self._on_status,
+            heartbeat_channel(prefix): self._on_heartbeat,
+            programs_key(prefix): self._on_program,
+        }
+        self._lock = threading.Lock()
+        self._programs: dict[str, dict[str, Any]] = {}
+        self._programs_seen = 0.0
+        self._workers: dict[int, _Seen] = {}
+        self._synced = False
+        self._closing = threading.Event()
+
+    # ---------------------------------------------------------------- reading
+    def statuses(self) -> dict[int, str] | None:
+        """Every server's status, or None when the picture may be incomplete."""
+        now_mono = time.monotonic()
+        with self._lock:
+            if not self._synced or now_mono - self._programs_seen > ALIVE_TTL:
+                return None
+            programs = dict(self._programs)
+            workers = dict(self._workers)
+        available, enabled = self.direct.servers()
+        ttl = self.cfg.redis.status_ttl
+        now = time.time()
+        result = {}
+        for srvid in sorted(available):
+            if srvid not in enabled:
+                result[srvid] = DISABLED
+                continue
+            info = programs.get(fleet.program_name(srvid))
+            process = None if info is None else {
+                "statename": info.get("state"), "pid": info.get("pid"), "start": info.get("since"),
+            }
+            seen = workers.get(srvid)
+            document = None
+            if seen is not None and now_mono - seen.at < ttl:
+                document = {"pid": seen.pid, "status": seen.status}
+            result[srvid] = derive_status(True, process, document, now, ttl)
+        return result
+
+    # ---------------------------------------------------------------- following
+    def run(self) -> None:
+        backoff = Backoff(initial=0.5, maximum=10.0)
+        while not self._closing.is_set():
+            try:
+                self._follow()
+            except (redis.RedisError, OSError, ValueError) as exc:
+                if not self._closing.is_set():
+                    log.warning("live status board lost Redis: %s", one_line(exc))
+            except Exception:
+                # closing the client under a blocked read ends up here too
+                if not self._closing.is_set():
+                    log.exception("live status board failed, starting over")
+            with self._lock:
+                self._synced = False
+            self._closing.wait(backoff.next_delay())
+
+    def _follow(self) -> None:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(*self.channels)
+            self._load()
+            while not self._closing.is_set():
+                message = pubsub.get_message(timeout=1.0)
+                if message is not None:
+                    self.channels[_text(message["channel"])](message["data"])
+        finally:
+            pubsub.close()
+
+    def _load(self) -> None:
+        prefix = self.cfg.redis.prefix
+        programs = {
+            _text(name): document
+            for name, value in self.redis.hgetall(programs_key(prefix)).items()
+            if (document := _document(value)) is not None
+        }
+        alive = bool(self.redis.exists(alive_key(prefix)))
+        available, _ = self.direct.servers()
+        ids = sorted(available)
+        raw = self.redis.mget([status_key(prefix, s) for s in ids]) if ids else []
+        now = time.monotonic()
+        workers = {}
+        for srvid, text in zip(ids, raw, strict=True):
+            document = _document(text)
+            if document is not None:
+                workers[srvid] = _Seen(int(document.get("pid") or 0),
+                                       str(document.get("status")), now)
+        with self._lock:
+            self._programs = programs
+            self._programs_seen = now if alive else 0.0
+            self._workers = workers
+            self._synced = True
+
+    def _on_status(self, data: bytes) -> None:
+        document = _document(data)
+        if document is None or not isinstance(document.get("srvid"), int):
+            return
+        with self._lock:
+            self._workers[document["srvid"]] = _Seen(
+                int(document.get("pid") or 0), str(document.get("status")), time.monotonic()
+            )
+
+    def _on_heartbeat(self, data: bytes) -> None:
+        try:
+            srvid, pid = (int(part) for part in data.split())
+        except ValueError:
+            return
+        with self._lock:
+            seen = self._workers.get(srvid)
+            if seen is not None and seen.pid == pid:
+                seen.at = time.monotonic()
+
+    def _on_program(self, data: bytes) -> None:
+        message = _document(data)
+        if message is None:
+            return
+        with self._lock:
+            self._programs_seen = time.monotonic()
+            name = message.pop("name", None)
+            if isinstance(name, str):
+                self._programs[name] = message
+
+    def close(self) -> None:
+        self._closing.set()
+        self.redis.close()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _document(text: bytes | str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) else None
