@@ -26,7 +26,6 @@ import threading
 import time
 from pathlib import Path
 
-import psycopg
 import simplejson as json
 from psycopg import sql
 
@@ -95,22 +94,23 @@ def server_side(repo: sandbox.Cluster, remote: sandbox.Cluster, srvid: int,
             if cleanup:
                 conn.execute(cleanup)
             timings["sources"] += time.perf_counter() - started
-    with repo.connect() as conn:
-        with conn.transaction(force_rollback=True):
-            for source, _ in found:
-                started = time.perf_counter()
-                conn.execute(sql.SQL("COPY {} FROM {}").format(
-                    sql.Identifier("public", source + "_tmp"),
-                    sql.Literal(str(spool / f"{source}.copy"))))
-                timings["copy"] += time.perf_counter() - started
+    with repo.connect() as conn, conn.transaction(force_rollback=True):
+        for source, _ in found:
             started = time.perf_counter()
-            conn.execute("SELECT powa_take_snapshot(%s)", (srvid,))
-            timings["take"] += time.perf_counter() - started
+            conn.execute(sql.SQL("COPY {} FROM {}").format(
+                sql.Identifier("public", source + "_tmp"),
+                sql.Literal(str(spool / f"{source}.copy"))))
+            timings["copy"] += time.perf_counter() - started
+        started = time.perf_counter()
+        conn.execute("SELECT powa_take_snapshot(%s)", (srvid,))
+        timings["take"] += time.perf_counter() - started
     timings["sum"] = timings["sources"] + timings["copy"] + timings["take"]
     return timings
 
 
-def ours(repo: sandbox.Cluster, remote: RemoteSession, srvid: int) -> tuple[float, dict[str, float]]:
+def ours(
+    repo: sandbox.Cluster, remote: RemoteSession, srvid: int
+) -> tuple[float, dict[str, float]]:
     """One snapshot as the worker takes it: wall time and its phases."""
     started = time.perf_counter()
     with repository.session(repo.dsn(), f"worker {srvid}") as conn:
@@ -141,25 +141,25 @@ def timing_rounds(args: argparse.Namespace, base: Path, template: Path) -> str:
     # one of each first: connections, caches and the first history rows
     ours(repo, session, srvid)
     upstream.snapshot()
-    rows, ratios = [], []
+    rows: list[list[object]] = []
+    sums, walls, theirs_all = [], [], []
     for n in range(1, args.rounds + 1):
         sandbox.create_workload(remote, args.statements)
         side = server_side(repo, remote, srvid, spool)
         sandbox.create_workload(remote, args.statements)
-        wall, phases = ours(repo, session, srvid)
+        wall, _ = ours(repo, session, srvid)
         sandbox.create_workload(remote, args.statements)
         theirs = upstream.snapshot()
-        ratios.append(wall / side["sum"])
+        sums.append(side["sum"])
+        walls.append(wall)
+        theirs_all.append(theirs)
         rows.append([n, ms(side["sources"]), ms(side["copy"]), ms(side["take"]), ms(side["sum"]),
                      ms(wall), f"{wall / side['sum']:.2f}", ms(theirs), f"{theirs / wall:.2f}"])
     upstream.close()
     session.close()
-    walls = [float(r[5]) for r in rows]
-    sums = [float(r[4]) for r in rows]
-    theirs_ms = [float(r[7]) for r in rows]
-    rows.append(["median", "", "", "", f"{median(sums):.1f}", f"{median(walls):.1f}",
-                 f"{median(ratios):.2f}", f"{median(theirs_ms):.1f}",
-                 f"{median(theirs_ms) / median(walls):.2f}"])
+    rows.append(["median", "", "", "", ms(median(sums)), ms(median(walls)),
+                 f"{median([w / s for w, s in zip(walls, sums, strict=True)]):.2f}",
+                 ms(median(theirs_all)), f"{median(theirs_all) / median(walls):.2f}"])
     repo.stop()
     remote.stop()
     return table(

@@ -85,6 +85,8 @@ class Control:
         self.fingerprints: dict[int, str] = {}
         #: outcome of the reload done for the current batch of requests
         self._reload_outcome: tuple[str, str] | None = None
+        #: the last whole-fleet statuses from the live board, and their JSON
+        self._fleet_answer: tuple[dict[int, str] | None, str] = (None, "")
         self.handlers: dict[str, Callable[[Request], tuple[str, str]]] = {
             "RELOAD": self.do_reload,
             "WORKERS_STATUS": self.do_workers_status,
@@ -275,8 +277,14 @@ class Control:
         if statuses is None:
             # one server, or the live picture is incomplete: ask supervisord and Redis now
             statuses = self.board.statuses(wanted)
+        elif statuses is self._fleet_answer[0]:
+            # unchanged since the last request: the live board hands the same dict back
+            return "OK", self._fleet_answer[1]
         room = protocol.MAX_PAYLOAD - len(f"{request.command} OK ".encode())
-        return "OK", protocol.workers_status_json(statuses, room)
+        data = protocol.workers_status_json(statuses, room)
+        if wanted is None:
+            self._fleet_answer = (statuses, data)
+        return "OK", data
 
     def do_reload(self, request: Request) -> tuple[str, str]:
         if self._reload_outcome is None:

@@ -63,17 +63,41 @@ class LiveBoard(threading.Thread):
         self._workers: dict[int, _Seen] = {}
         self._synced = False
         self._closing = threading.Event()
+        #: bumped on every change that may change a status: answers are cached on it
+        self._version = 0
+        self._cache_key: tuple[object, ...] | None = None
+        self._cache: dict[int, str] = {}
 
     # ---------------------------------------------------------------- reading
     def statuses(self) -> dict[int, str] | None:
-        """Every server's status, or None when the picture may be incomplete."""
+        """Every server's status, or None when the picture may be incomplete.
+
+        The same dict is returned until something changes (or a second passes:
+        a silent worker turns stuck with time), so callers may cache on it.
+        """
         now_mono = time.monotonic()
+        available, enabled = self.direct.servers()
         with self._lock:
             if not self._synced or now_mono - self._programs_seen > ALIVE_TTL:
                 return None
+            key = (self._version, int(now_mono), available, enabled)
+            if key == self._cache_key:
+                return self._cache
             programs = dict(self._programs)
             workers = dict(self._workers)
-        available, enabled = self.direct.servers()
+        result = self._compute(programs, workers, available, enabled, now_mono)
+        with self._lock:
+            self._cache_key, self._cache = key, result
+        return result
+
+    def _compute(
+        self,
+        programs: dict[str, dict[str, Any]],
+        workers: dict[int, _Seen],
+        available: frozenset[int],
+        enabled: frozenset[int],
+        now_mono: float,
+    ) -> dict[int, str]:
         ttl = self.cfg.redis.status_ttl
         now = time.time()
         result = {}
@@ -144,6 +168,7 @@ class LiveBoard(threading.Thread):
             self._programs_seen = now if alive else 0.0
             self._workers = workers
             self._synced = True
+            self._version += 1
 
     def _on_status(self, data: bytes) -> None:
         document = _document(data)
@@ -153,6 +178,7 @@ class LiveBoard(threading.Thread):
             self._workers[document["srvid"]] = _Seen(
                 int(document.get("pid") or 0), str(document.get("status")), time.monotonic()
             )
+            self._version += 1
 
     def _on_heartbeat(self, data: bytes) -> None:
         try:
@@ -173,6 +199,7 @@ class LiveBoard(threading.Thread):
             name = message.pop("name", None)
             if isinstance(name, str):
                 self._programs[name] = message
+                self._version += 1
 
     def close(self) -> None:
         self._closing.set()

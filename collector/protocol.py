@@ -135,21 +135,22 @@ def workers_status_json(statuses: Mapping[int, str], room: int) -> str:
     first (they are what an operator needs to see), then running ones while
     they fit, and ``"omitted": N`` says how many were left out.
     """
-    ordered = sorted(statuses.items())
-    full = json.dumps({str(k): v for k, v in ordered})
+    # a fleet has a handful of distinct statuses: encode each once
+    encoded = {status: json.dumps(status) for status in set(statuses.values())}
+    entries = [(srvid, f'"{srvid}": {encoded[status]}') for srvid, status in
+               sorted(statuses.items())]
+    full = "{" + ", ".join(entry for _, entry in entries) + "}"
     if _size(full) <= room:
-        return str(full)
-    ordered.sort(key=lambda item: item[1] == "running")
-    kept: dict[str, object] = {}
+        return full
+    entries.sort(key=lambda item: statuses[item[0]] == "running")
+    kept: list[str] = []
     # "omitted" with the largest count it may take, so the result surely fits
-    reserve = _size(json.dumps({OMITTED_KEY: len(ordered)})) + 2
-    used = 2
-    for srvid, status in ordered:
-        # '{"k": "v"}' is as long as '"k": "v", ' once in the object
-        entry = _size(json.dumps({str(srvid): status}))
-        if used + entry + reserve > room:
+    used = 2 + _size(f', "{OMITTED_KEY}": {len(entries)}')
+    for _, entry in entries:
+        size = _size(entry) + 2
+        if used + size > room:
             break
-        kept[str(srvid)] = status
-        used += entry
-    kept[OMITTED_KEY] = len(ordered) - len(kept)
-    return str(json.dumps(kept))
+        kept.append(entry)
+        used += size
+    kept.append(f'"{OMITTED_KEY}": {len(entries) - len(kept)}')
+    return "{" + ", ".join(kept) + "}"

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import redis
 import simplejson as json
 
 from collector import sandbox
@@ -25,6 +26,20 @@ def force(fleet: Fleet, srvid: int, timeout: float = 5) -> dict[str, str]:
         answer = client.blpop([reply], timeout=timeout)
     assert answer is not None, "the worker did not answer"
     return json.loads(answer[1])  # type: ignore[no-any-return]
+
+
+def redis_values(client: redis.Redis) -> list[bytes | str]:
+    """Every value held in Redis, whatever the type of its key."""
+    values: list[bytes | str] = []
+    for key in client.keys("*"):
+        kind = client.type(key)
+        if kind == b"string":
+            values.append(client.get(key) or b"")
+        elif kind == b"hash":
+            values += client.hgetall(key).values()
+        elif kind == b"list":
+            values += client.lrange(key, 0, -1)
+    return values
 
 
 def status_is(fleet: Fleet, srvid: int, status: str) -> bool:
@@ -158,7 +173,7 @@ def test_password_never_leaks(
     assert "password authentication failed" in once.stderr
     stop_process(worker)
     with fleet.redis() as client:
-        stored = b" ".join(client.get(key) or b"" for key in client.keys("*"))
+        stored = b" ".join(v if isinstance(v, bytes) else v.encode() for v in redis_values(client))
     texts = {
         "log": fleet.log(srvid),
         "redis": stored.decode(),
