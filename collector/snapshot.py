@@ -16,8 +16,8 @@ Every repository write of the snapshot happens in one transaction:
 * if ``powa_take_snapshot`` itself fails, everything copied is rolled back and
   only the error is stored (upstream commits the ``_tmp`` rows in that case,
   and the next snapshot stores them again);
-* the server's ``_tmp`` rows are removed before commit, even those of a
-  snapshot function that failed inside ``powa_take_snapshot``;
+* the server's ``_tmp`` rows left by a snapshot function that failed inside
+  ``powa_take_snapshot`` are removed before commit;
 * the errors of the run are appended to ``powa_snapshot_metas.errors`` after
   ``powa_take_snapshot`` (which clears that column first).
 
@@ -138,6 +138,9 @@ class Snapshot:
 
     ``cancelled`` tells whether the caller cancelled the queries on purpose
     (stop): then the whole snapshot is rolled back instead of recorded.
+    ``clear_stale`` first deletes the server's rows left in the ``_tmp``
+    tables by someone else (a worker does it once, at its first snapshot:
+    the deletes scan tables full of dead rows, not worth paying every time).
     Exceptions: RemoteUnavailable when the remote connection is lost,
     ConcurrentSnapshotError, SnapshotAborted, psycopg.Error from the repository.
     """
@@ -150,12 +153,14 @@ class Snapshot:
         *,
         remote_timeout_ms: int,
         cancelled: Callable[[], bool] = lambda: False,
+        clear_stale: bool = False,
     ) -> None:
         self.repo = repo
         self.remote = remote
         self.srvid = srvid
         self.remote_timeout_ms = remote_timeout_ms
         self.cancelled = cancelled
+        self.clear_stale = clear_stale
         self.result = SnapshotResult(srvid=srvid, started_at=time.time())
 
     def _phase(self, name: str, since: float) -> float:
@@ -174,13 +179,16 @@ class Snapshot:
         if self._compatible(powa):
             if not sources:
                 log.info("no snapshot source enabled for server %d", srvid)
-            _clear_tmp(repo, powa, srvid, sources)
+            if self.clear_stale:
+                _clear_tmp(repo, powa, srvid, sources)
             with repo.transaction() as data:
                 self._copy_sources(powa, sources)
                 mark = self._phase("sources", mark)
                 self._take(powa, data)
                 mark = self._phase("powa_take_snapshot", mark)
-            _clear_tmp(repo, powa, srvid, sources)
+            if self.result.take_snapshot_errors:
+                # a snapshot function failed inside powa_take_snapshot: its rows are left
+                _clear_tmp(repo, powa, srvid, sources)
             if self.result.errors:
                 # after a failed powa_take_snapshot the old errors are still there
                 record_errors(repo, powa, srvid, self.result.errors, replace=self.result.failed)

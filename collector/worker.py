@@ -413,6 +413,7 @@ class Worker:
                     repo, self.remote, self.srvid,
                     remote_timeout_ms=self.server.frequency * 1000,
                     cancelled=lambda: self.watchdog.cancelled_on_stop or self.flags.stop_now,
+                    clear_stale=self.snapshots_ok == 0,
                 ).run()
         except RemoteUnavailable as exc:
             self._remote_failed(f"snapshot failed, remote server lost: {exc}", report=True)
