@@ -25,9 +25,10 @@ from collector.status import client, commands_key
 
 log = logging.getLogger(__name__)
 
-#: how long a reply waits for its reader, and a request for its worker
+#: how long a reply waits for its reader
 REPLY_TTL = 30
-POP_TIMEOUT = 2
+#: a blocked pop costs nothing; waking up often would, times hundreds of workers
+POP_TIMEOUT = 30
 
 Handler = Callable[[str], tuple[str, str]]
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
+import socket
 
 import psycopg
 
@@ -137,6 +139,18 @@ class RemoteSession:
             self.close()
             return False
         return True
+
+    def abort(self) -> None:
+        """Shut the connection's socket down (from another thread): a query blocked on a
+        frozen server fails at once instead of waiting for it forever."""
+        fd = self.fileno()
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            # a duplicate of the descriptor: shutting it down ends the connection for both
+            sock = socket.socket(fileno=os.dup(fd))
+            sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
     def cancel(self) -> None:
         """Cancel the statement running on the remote (from another thread)."""

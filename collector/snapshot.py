@@ -138,6 +138,7 @@ class Snapshot:
 
     ``cancelled`` tells whether the caller cancelled the queries on purpose
     (stop): then the whole snapshot is rolled back instead of recorded.
+    ``remote_done`` is called once the remote's part is over, whatever happened.
     ``clear_stale`` first deletes the server's rows left in the ``_tmp``
     tables by someone else (a worker does it once, at its first snapshot:
     the deletes scan tables full of dead rows, not worth paying every time).
@@ -153,6 +154,7 @@ class Snapshot:
         *,
         remote_timeout_ms: int,
         cancelled: Callable[[], bool] = lambda: False,
+        remote_done: Callable[[], None] = lambda: None,
         clear_stale: bool = False,
     ) -> None:
         self.repo = repo
@@ -160,6 +162,7 @@ class Snapshot:
         self.srvid = srvid
         self.remote_timeout_ms = remote_timeout_ms
         self.cancelled = cancelled
+        self.remote_done = remote_done
         self.clear_stale = clear_stale
         self.result = SnapshotResult(srvid=srvid, started_at=time.time())
 
@@ -241,6 +244,8 @@ class Snapshot:
                 self.remote.close()
                 raise RemoteUnavailable(one_line(exc)) from None
             raise
+        finally:
+            self.remote_done()
 
     def _abort_if_cancelled(self) -> None:
         if self.cancelled():

@@ -13,7 +13,7 @@ import os
 import select
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import FrameType
 
 
@@ -61,6 +61,8 @@ class SignalFlags:
         self.stop_now = False
         self.reload = False
         self.stop_requested_at: float | None = None
+        #: called after each signal (from the signal handler: they must only set flags)
+        self.listeners: list[Callable[[], None]] = []
 
     def install(self) -> None:
         signal.set_wakeup_fd(self.wakeup._write, warn_on_full_buffer=False)
@@ -82,3 +84,5 @@ class SignalFlags:
             self.stop = True
             self.stop_requested_at = time.monotonic()
         self.wakeup.notify()
+        for listener in self.listeners:
+            listener()

@@ -63,17 +63,23 @@ log = logging.getLogger("collector.worker")
 
 #: FORCE_SNAPSHOT is refused when the last snapshot started less than this ago (upstream)
 FORCE_MIN_INTERVAL = 10.0
-#: the main loop wakes at least this often, even with nothing to do
-MAX_SLEEP = 5.0
+#: the main loop wakes at least this often, even with nothing to do (signals,
+#: commands and a dying remote connection wake it at once anyway)
+MAX_SLEEP = 60.0
 
 
 class Watchdog(threading.Thread):
     """Cancels the queries of a snapshot that overruns its deadline or must stop.
 
-    The remote part of a snapshot must end within one period (a hung remote
-    cannot stall the worker).  On stop, the snapshot gets ``grace`` seconds,
-    then both sides are cancelled; on a second stop signal, at once.
+    The remote part of a snapshot must end within one period, so that a hung
+    remote cannot stall the worker: past the deadline its query is cancelled,
+    and if the remote does not give up within ``ABORT_AFTER`` seconds (a
+    frozen backend does not), the connection's socket is shut down under it.
+    On stop, the snapshot gets ``grace`` seconds, then both sides are
+    cancelled; on a second stop signal, at once.
     """
+
+    ABORT_AFTER = 5.0
 
     def __init__(
         self, flags: SignalFlags, grace: float, on_stop: Callable[[], None] = lambda: None
@@ -89,58 +95,96 @@ class Watchdog(threading.Thread):
         self._remote: RemoteSession | None = None
         self._repo: psycopg.Connection[Any] | None = None
         self._deadline = 0.0
+        self._remote_cancelled_at: float | None = None
+        self._repo_cancelled = False
         self._closing = threading.Event()
+        # idle, the thread sleeps until a snapshot starts or a stop signal comes
+        self._wake = threading.Event()
+        flags.listeners.append(self._wake.set)
 
     def arm(self, remote: RemoteSession, deadline: float) -> None:
+        """A snapshot starts: its remote part must end by ``deadline`` (monotonic)."""
         with self._lock:
             self._remote, self._deadline = remote, deadline
+            self._remote_cancelled_at = None
+            self._repo, self._repo_cancelled = None, False
             self.cancelled_on_stop = False
+        self._wake.set()
 
     def watch_repository(self, conn: psycopg.Connection[Any] | None) -> None:
         with self._lock:
             self._repo = conn
+
+    def remote_done(self) -> None:
+        """The remote part of the snapshot is over: its deadline no longer applies."""
+        with self._lock:
+            self._remote = None
 
     def disarm(self) -> None:
         with self._lock:
             self._remote = self._repo = None
 
     def run(self) -> None:
-        while not self._closing.wait(0.2):
+        while not self._closing.is_set():
+            with self._lock:
+                busy = self._remote is not None or self._repo is not None
+            # poll while a snapshot runs or a stop is under way; sleep otherwise
+            self._wake.wait(0.2 if busy or self.flags.stop else None)
+            self._wake.clear()
             self.check(time.monotonic())
 
     def check(self, now: float) -> None:
-        """Cancel what must be; each side is cancelled once per snapshot."""
+        """Act on the running snapshot, each action once."""
         flags = self.flags
         if flags.stop and not self._stop_seen:
             # the main thread may be busy in a snapshot: say "stopping" now
             self._stop_seen = True
             self.on_stop()
+        stopping = flags.stop and (
+            flags.stop_now or now - (flags.stop_requested_at or now) >= self.grace
+        )
+        cancel_remote = abort_remote = cancel_repo = None
         with self._lock:
-            stopping = flags.stop and (
-                flags.stop_now or now - (flags.stop_requested_at or now) >= self.grace
-            )
-            remote = self._remote if (stopping or now >= self._deadline) else None
-            repo = self._repo if stopping else None
-            if remote is not None:
-                self._remote = None
-            if repo is not None:
-                self._repo = None
-            if stopping and (remote or repo):
+            remote = self._remote
+            if remote is not None and self._remote_cancelled_at is None and (
+                stopping or now >= self._deadline
+            ):
+                cancel_remote, self._remote_cancelled_at = remote, now
+            elif remote is not None and self._remote_cancelled_at is not None and (
+                now - self._remote_cancelled_at >= self.ABORT_AFTER
+            ):
+                abort_remote, self._remote = remote, None
+            if stopping and self._repo is not None and not self._repo_cancelled:
+                cancel_repo, self._repo_cancelled = self._repo, True
+            if stopping and (cancel_remote or cancel_repo):
                 self.cancelled_on_stop = True
-        if remote is not None:
+        self._act(stopping, cancel_remote, abort_remote, cancel_repo)
+
+    def _act(
+        self,
+        stopping: bool,
+        cancel_remote: RemoteSession | None,
+        abort_remote: RemoteSession | None,
+        cancel_repo: psycopg.Connection[Any] | None,
+    ) -> None:
+        if cancel_remote is not None:
             if stopping:
                 log.warning("stopping: cancelling the snapshot in progress")
             else:
                 log.error("snapshot overran its deadline on the remote server: cancelling it")
-            remote.cancel()
-        if repo is not None and not repo.closed:
+            cancel_remote.cancel()
+        if abort_remote is not None:
+            log.error("the remote server ignores the cancel: dropping its connection")
+            abort_remote.abort()
+        if cancel_repo is not None and not cancel_repo.closed:
             try:
-                repo.cancel_safe(timeout=2.0)
+                cancel_repo.cancel_safe(timeout=2.0)
             except psycopg.Error as exc:
                 log.debug("repository cancel failed: %s", exc)
 
     def close(self) -> None:
         self._closing.set()
+        self._wake.set()
 
 
 class Worker:
@@ -167,6 +211,9 @@ class Worker:
         self.reconnect = Backoff(maximum=60.0, rng=self.rng)
         self.next_reconnect = 0.0
         self.repository_down = False
+        #: a SIGHUP that could not read the row yet is tried again then
+        self.reload_retry_at: float | None = None
+        self.reload_backoff = Backoff(maximum=30.0, rng=self.rng)
         self.publisher: StatusPublisher | None = None
         self.commands: CommandListener | None = None
         self.watchdog = Watchdog(self.flags, cfg.collector.stop_grace, self._notice_stop)
@@ -295,10 +342,11 @@ class Worker:
     # ------------------------------------------------------------------ main loop
     def _cycle(self) -> None:
         assert self.schedule is not None and self.remote is not None
-        if self.flags.reload:
+        now = time.monotonic()
+        if self.flags.reload or (self.reload_retry_at is not None and now >= self.reload_retry_at):
             self.flags.reload = False
             self._reload()
-        now = time.monotonic()
+            now = time.monotonic()
         if not self.remote.connected and now >= self.next_reconnect:
             self._connect_remote()
         with self._lock:
@@ -312,6 +360,8 @@ class Worker:
         until = self.schedule.next_due
         if not self.remote.connected:
             until = min(until, self.next_reconnect)
+        if self.reload_retry_at is not None:
+            until = min(until, self.reload_retry_at)
         timeout = min(until - time.monotonic(), MAX_SLEEP)
         if self.flags.stop or self.flags.reload or timeout <= 0:
             return
@@ -326,8 +376,11 @@ class Worker:
             self._read_server()
         except RepositoryUnavailable as exc:
             self._repository_failed(str(exc))
-            self.flags.reload = True  # try again at the next cycle
+            # try again later, not in a tight loop while the repository is away
+            self.reload_retry_at = time.monotonic() + self.reload_backoff.next_delay()
             return
+        self.reload_retry_at = None
+        self.reload_backoff.reset()
         self.publish()
 
     # ------------------------------------------------------------------ remote
@@ -413,6 +466,7 @@ class Worker:
                     repo, self.remote, self.srvid,
                     remote_timeout_ms=self.server.frequency * 1000,
                     cancelled=lambda: self.watchdog.cancelled_on_stop or self.flags.stop_now,
+                    remote_done=self.watchdog.remote_done,
                     clear_stale=self.snapshots_ok == 0,
                 ).run()
         except RemoteUnavailable as exc:

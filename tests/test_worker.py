@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -13,6 +14,7 @@ import simplejson as json
 
 from collector import sandbox
 from tests.helpers import Fleet, Repo, proc_text, stop_process, wait_for
+from tests.test_snapshot import add_slow_source
 
 PASSWORD = "Sup3r-S3cret-pw!"
 
@@ -263,3 +265,57 @@ def test_snapshots_never_overlap_with_forced_wakeups_and_a_slow_repository(
     assert "another snapshot of server" in once.stderr
     assert worker.poll() is None
     assert repo.tmp_rows(srvid) == {}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_sighup_while_the_repository_is_down_waits_quietly(fleet: Fleet, repo: Repo) -> None:
+    srvid = repo.srvids[1]
+    repo.due_in(srvid, 1, frequency=300)
+    worker = fleet.start_worker(srvid)
+    wait_for(lambda: repo.snapshots(srvid) >= 1, 15, "a first snapshot")
+    repo.cluster.stop()
+    try:
+        worker.send_signal(signal.SIGHUP)
+        wait_for(lambda: status_is(fleet, srvid, "no connection to repository server"), 10,
+                 "the repository failure")
+        before = cpu_seconds(worker.pid)
+        time.sleep(4)
+        # retrying with backoff, not spinning
+        assert cpu_seconds(worker.pid) - before < 0.5
+        assert worker.poll() is None
+    finally:
+        repo.cluster.start()
+    wait_for(lambda: status_is(fleet, srvid, "running"), 40, "the row read again")
+    assert fleet.status(srvid)["pid"] == worker.pid  # type: ignore[index]
+
+
+def test_a_frozen_remote_cannot_stall_the_worker(
+    fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
+) -> None:
+    remote = cluster_factory(workload=20)
+    with repo.connect() as conn:
+        srvid = sandbox.register_remote(conn, remote, alias="frozen")
+    add_slow_source(repo, remote, srvid, 2)
+    repo.due_in(srvid, 1, frequency=5)
+    worker = fleet.start_worker(srvid)
+    with remote.connect() as conn:
+        # frozen in pg_sleep, where it holds no lock another snapshot would wait for
+        backend = wait_for(lambda: conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+            " AND query LIKE 'COPY (SELECT%%slow_src%%'",
+            (f"powa-fleet worker {srvid}",),
+        ).fetchone(), 20, "the worker's remote query")[0]
+    # the remote backend stops answering, and cannot even be cancelled
+    os.kill(backend, signal.SIGSTOP)
+    try:
+        wait_for(lambda: "dropping its connection" in fleet.log(srvid), 20,
+                 "the watchdog to give up on the frozen backend")
+        count = repo.snapshots(srvid)
+        wait_for(lambda: repo.snapshots(srvid) > count, 20, "snapshots on a new connection")
+        assert worker.poll() is None
+    finally:
+        os.kill(backend, signal.SIGCONT)
