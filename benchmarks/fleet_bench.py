@@ -146,16 +146,15 @@ class Fleet:
         return sizes
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(300)
+        if self.process is not None:
+            sandbox.terminate(self.process, 300)
 
 
-def round_trips(dsn: str, srvid: str | None = None) -> list[float]:
+def round_trips(dsn: str, srvid: str | None = None, count: int = REQUESTS) -> list[float]:
     args = (srvid,) if srvid else ()
     times = []
     with Client(dsn) as client:
-        for _ in range(REQUESTS):
+        for _ in range(count):
             answers = client.ask("WORKERS_STATUS", args, timeout=5)
             if answers and answers[0].status == "OK":
                 times.append(answers[0].elapsed)
@@ -165,6 +164,20 @@ def round_trips(dsn: str, srvid: str | None = None) -> list[float]:
 def latency_row(what: str, servers: int, times: list[float]) -> list[object]:
     return [what, servers, len(times), ms(percentile(times, 50)), ms(percentile(times, 99)),
             ms(max(times))]
+
+
+def compare(ours_dsn: str, servers: int, upstream_dsn: str) -> list[list[object]]:
+    """powa-fleet and upstream (3 servers) taking turns, so both see the same machine load."""
+    ours: list[float] = []
+    theirs: list[float] = []
+    for _ in range(3):
+        ours += round_trips(ours_dsn, count=REQUESTS // 3)
+        theirs += round_trips(upstream_dsn, count=REQUESTS // 3)
+    load = Path("/proc/loadavg").read_text().split()[0]
+    return [
+        latency_row(f"powa-fleet (load average {load})", servers, ours),
+        latency_row("upstream powa-collector 1.3.2, same moments", 3, theirs),
+    ]
 
 
 @contextmanager
@@ -185,102 +198,114 @@ def upstream_collector(base: Path, repo: sandbox.Cluster) -> Iterator[None]:
                     raise TimeoutError("upstream powa-collector does not answer")
         yield
     finally:
-        process.terminate()
-        process.wait(60)
+        sandbox.terminate(process, 60)
 
 
 def bench(args: argparse.Namespace, base: Path) -> str:
     template = sandbox.make_template(base)
     total = args.servers
-    hosts = make_remotes(template, base, total + APPLIES + 3)
+    hosts = make_remotes(template, base, total + APPLIES + 6)
     redis_server = sandbox.RedisServer()
     redis_server.start()
     latency: list[list[object]] = []
     timings: list[list[object]] = []
     memory: list[list[object]] = []
+    # upstream runs on a repository of its own with three servers, all along
+    theirs = sandbox.clone(template, base / "upstream-repo")
+    theirs.start()
+    register(theirs, hosts[-3:])
     try:
-        # three servers: upstream and powa-fleet
-        small = sandbox.clone(template, base / "repo3")
-        small.start()
-        register(small, hosts[:3])
-        with upstream_collector(base, small):
-            time.sleep(2)
-            latency.append(latency_row("upstream powa-collector 1.3.2", 3,
-                                       round_trips(small.dsn())))
-        three = Fleet(base / "fleet3", small, redis_server.url)
-        three.generate()
-        three.start()
-        three.wait_running(3)
-        latency.append(latency_row("powa-fleet", 3, round_trips(small.dsn())))
-        latency.append(latency_row("powa-fleet, one server", 3, round_trips(small.dsn(), "2")))
-        three.stop()
-        small.stop()
-
-        repo = sandbox.clone(template, base / "repo")
-        repo.configure({"max_connections": "300"})
-        repo.start()
-        fleet = Fleet(base / "fleet", repo, redis_server.url)
-        register(repo, hosts[:100])
-        fleet.generate()
-        fleet.start()
-        fleet.wait_running(100)
-        latency.append(latency_row("powa-fleet", 100, round_trips(repo.dsn())))
-        latency.append(latency_row("powa-fleet, one server", 100, round_trips(repo.dsn(), "50")))
-        for n in range(3):
-            register(repo, hosts[100 + n: 101 + n])
-            with Client(repo.dsn()) as client:
-                answer = client.ask("RELOAD", (), timeout=60)[0]
-            assert answer.status == "OK", answer
-            timings.append([f"RELOAD adding one server to {100 + n} workers (answer)",
-                            ms(answer.elapsed)])
-
-        register(repo, hosts[103:total])
-        with Client(repo.dsn()) as client:
-            answer = client.ask("RELOAD", (), timeout=600)[0]
-        timings.append([f"RELOAD adding {total - 103} servers to 103 workers (answer)",
-                        ms(answer.elapsed)])
-        ready = fleet.wait_running(total)
-        timings.append([f"... until all {total} workers answer running", ms(ready)])
-        # measure the steady state (snapshots spread over the period), not the start-up rush
-        time.sleep(args.settle)
-        load = Path("/proc/loadavg").read_text().split()[0]
-        latency.append(["(load average when measuring the full fleet)", "", "", load, "", ""])
-        latency.append(latency_row("powa-fleet", total, round_trips(repo.dsn())))
-        latency.append(latency_row("powa-fleet, one server", total,
-                                   round_trips(repo.dsn(), "250")))
-
-        applies = []
-        for n in range(APPLIES):
-            register(repo, hosts[total + n: total + n + 1])
-            elapsed, out = fleet.generate("--apply")
-            assert "started" in out, out
-            applies.append(elapsed)
-        timings.append([f"create_supervisord_config.py --apply, one server added to {total}"
-                        f"..{total + APPLIES - 1} running programs (median of {APPLIES})",
-                        ms(median(applies))])
-        timings.append(["... slowest of them", ms(max(applies))])
-
-        sizes = fleet.worker_pss()
-        assert fleet.process is not None
-        memory.append(["worker (median of all)", len(sizes), f"{median(sizes) / 1024:.1f}"])
-        memory.append(["worker (largest)", len(sizes), f"{max(sizes) / 1024:.1f}"])
-        memory.append(["all workers together", len(sizes), f"{sum(sizes) / 1024:.0f}"])
-        memory.append(["supervisord", 1, f"{pss_kib(fleet.process.pid) / 1024:.1f}"])
-        fleet.stop()
-
-        # the generator alone, on a fresh directory, for the whole fleet
-        fresh = Fleet(base / "fresh", repo, redis_server.url)
-        first, _ = fresh.generate()
-        again, out = fresh.generate()
-        assert out.strip() == "nothing changed", out
-        with psycopg.connect(repo.dsn()) as conn:
-            rows = conn.execute("SELECT count(*) FROM powa_servers WHERE id > 0").fetchone()
-        timings.insert(0, [f"create_supervisord_config.py, {rows[0] if rows else '?'} servers,"
-                           " first run", ms(first)])
-        timings.insert(1, ["create_supervisord_config.py, same servers, no change", ms(again)])
-        repo.stop()
+        with upstream_collector(base, theirs):
+            body = fleet_bench(args, base, template, hosts, redis_server, theirs,
+                               latency, timings, memory)
     finally:
         redis_server.stop()
+        theirs.stop()
+    return body
+
+
+def fleet_bench(
+    args: argparse.Namespace, base: Path, template: Path, hosts: list[tuple[str, int]],
+    redis_server: sandbox.RedisServer, theirs: sandbox.Cluster,
+    latency: list[list[object]], timings: list[list[object]], memory: list[list[object]],
+) -> str:
+    total = args.servers
+    time.sleep(2)
+    latency.append(latency_row("upstream powa-collector 1.3.2, idle machine", 3,
+                               round_trips(theirs.dsn())))
+    small = sandbox.clone(template, base / "repo3")
+    small.start()
+    register(small, hosts[:3])
+    three = Fleet(base / "fleet3", small, redis_server.url)
+    three.generate()
+    three.start()
+    three.wait_running(3)
+    latency.append(latency_row("powa-fleet, idle machine", 3, round_trips(small.dsn())))
+    latency.append(latency_row("powa-fleet, one server", 3, round_trips(small.dsn(), "2")))
+    three.stop()
+    small.stop()
+
+    repo = sandbox.clone(template, base / "repo")
+    repo.configure({"max_connections": "300"})
+    repo.start()
+    fleet = Fleet(base / "fleet", repo, redis_server.url)
+    register(repo, hosts[:100])
+    fleet.generate()
+    fleet.start()
+    fleet.wait_running(100)
+    latency += compare(repo.dsn(), 100, theirs.dsn())
+    latency.append(latency_row("powa-fleet, one server", 100, round_trips(repo.dsn(), "50")))
+    for n in range(3):
+        register(repo, hosts[100 + n: 101 + n])
+        with Client(repo.dsn()) as client:
+            answer = client.ask("RELOAD", (), timeout=60)[0]
+        assert answer.status == "OK", answer
+        timings.append([f"RELOAD adding one server to {100 + n} workers (answer)",
+                        ms(answer.elapsed)])
+
+    register(repo, hosts[103:total])
+    with Client(repo.dsn()) as client:
+        answer = client.ask("RELOAD", (), timeout=600)[0]
+    timings.append([f"RELOAD adding {total - 103} servers to 103 workers (answer)",
+                    ms(answer.elapsed)])
+    ready = fleet.wait_running(total)
+    timings.append([f"... until all {total} workers answer running", ms(ready)])
+    # measure the steady state (snapshots spread over the period), not the start-up rush
+    time.sleep(args.settle)
+    latency += compare(repo.dsn(), total, theirs.dsn())
+    latency.append(latency_row("powa-fleet, one server", total,
+                               round_trips(repo.dsn(), "250")))
+
+    applies = []
+    for n in range(APPLIES):
+        register(repo, hosts[total + n: total + n + 1])
+        elapsed, out = fleet.generate("--apply")
+        assert "started" in out, out
+        applies.append(elapsed)
+    timings.append([f"create_supervisord_config.py --apply, one server added to {total}"
+                    f"..{total + APPLIES - 1} running programs (median of {APPLIES})",
+                    ms(median(applies))])
+    timings.append(["... slowest of them", ms(max(applies))])
+
+    sizes = fleet.worker_pss()
+    assert fleet.process is not None
+    memory.append(["worker (median of all)", len(sizes), f"{median(sizes) / 1024:.1f}"])
+    memory.append(["worker (largest)", len(sizes), f"{max(sizes) / 1024:.1f}"])
+    memory.append(["all workers together", len(sizes), f"{sum(sizes) / 1024:.0f}"])
+    memory.append(["supervisord", 1, f"{pss_kib(fleet.process.pid) / 1024:.1f}"])
+    fleet.stop()
+
+    # the generator alone, on a fresh directory, for the whole fleet
+    fresh = Fleet(base / "fresh", repo, redis_server.url)
+    first, _ = fresh.generate()
+    again, out = fresh.generate()
+    assert out.strip() == "nothing changed", out
+    with psycopg.connect(repo.dsn()) as conn:
+        rows = conn.execute("SELECT count(*) FROM powa_servers WHERE id > 0").fetchone()
+    timings.insert(0, [f"create_supervisord_config.py, {rows[0] if rows else '?'} servers,"
+                       " first run", ms(first)])
+    timings.insert(1, ["create_supervisord_config.py, same servers, no change", ms(again)])
+    repo.stop()
     return "\n".join([
         table("WORKERS_STATUS round trip seen by a powa-web-like client (ms)",
               ["collector", "servers", "requests", "p50", "p99", "max"], latency),
@@ -293,7 +318,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--servers", type=int, default=500)
-    parser.add_argument("--settle", type=float, default=60,
+    parser.add_argument("--settle", type=float, default=120,
                         help="seconds to let the full fleet settle before measuring it")
     args = parser.parse_args()
     with sandbox.workspace("powa-fleet-bench-") as base:

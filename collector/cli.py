@@ -27,7 +27,7 @@ import psycopg
 import redis
 import simplejson as json
 
-from collector import config, logs
+from collector import config, daemon, logs
 from collector.board import DISABLED, StatusBoard, WorkerView
 from collector.client import Client
 from collector.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, FleetError
@@ -120,8 +120,7 @@ def notify(cfg: config.Config, args: argparse.Namespace) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m collector",
                                      description="Operate a powa-fleet.")
-    parser.add_argument("-c", "--config", help="collector.cfg (default: $POWA_FLEET_CONFIG, "
-                        "else the checkout's collector.cfg)")
+    daemon.config_argument(parser)
     commands = parser.add_subparsers(dest="action", required=True)
     show = commands.add_parser("status", help="one line per server: program, status, last "
                                               "snapshot, last error")

@@ -34,7 +34,7 @@ import redis
 import simplejson as json
 from psycopg import sql
 
-from collector import config, fleet, logs, protocol, repository
+from collector import config, daemon, fleet, logs, protocol, repository
 from collector.board import DISABLED, StatusBoard, WorkerView
 from collector.errors import EXIT_OK, FleetError, SupervisorError
 from collector.liveboard import LiveBoard
@@ -192,20 +192,14 @@ class Control:
         self.conn = None
 
     def shutdown(self) -> None:
-        steps: list[tuple[str, Callable[[], object]]] = [
+        daemon.teardown(log, [
             ("repository", lambda: self.conn.close() if self.conn else None),
             ("board", self.board.close),
             ("live board", self.live.close),
             ("redis", self.redis.close),
             ("signals", self.flags.uninstall),
             ("wakeup", self.wakeup.close),
-        ]
-        for name, step in steps:
-            try:
-                step()
-            except Exception:
-                log.exception("shutdown step %s failed", name)
-        log.info("stopped")
+        ])
 
     # ------------------------------------------------------------------ requests
     def handle(self, payload: str, pid: int) -> None:
@@ -388,18 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m collector.control",
         description="Answer PoWA's collector protocol for a powa-fleet.",
     )
-    parser.add_argument("-c", "--config", help="collector.cfg (default: $POWA_FLEET_CONFIG, "
-                        "else the checkout's collector.cfg)")
+    daemon.config_argument(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = config.load(args.config)
-    except FleetError as exc:
-        for line in str(exc).splitlines():
-            print(f"control: {line}", file=sys.stderr)
-        return exc.exit_code
-    logs.REDACTOR.add(*cfg.secrets())
-    logs.setup("control", cfg.collector.log_level)
-    return Control(cfg).run()
+    return Control(daemon.load_config("control", args.config)).run()
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ redirect_stderr = true
                 time.sleep(0.2)
         finally:
             say("stopping the demo...")
-            _terminate(supervisord)
+            sandbox.terminate(supervisord, 90)
             for cluster in self.clusters:
                 cluster.stop()
             say("demo stopped: nothing of it is running (make demo-clean removes demo/)")
@@ -191,16 +191,6 @@ powa-fleet demo is running (supervisord in the foreground; Ctrl-C stops everythi
 
 Each remote is snapshotted every {self.frequency}s; the first snapshots arrive within {self.frequency}s.
 """)  # noqa: E501
-
-
-def _terminate(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(90)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def clean(directory: Path) -> None:

@@ -107,32 +107,37 @@ def check_paths(cfg: Config, python: str) -> None:
         raise ConfigError(problems)
 
 
-def render_worker(cfg: Config, srvid: int, python: str) -> str:
-    name = program_name(srvid)
-    directory = str(cfg.directory)
-    return HEADER + "\n".join([
+def _program(
+    cfg: Config, python: str, name: str, module: str, *args: str, stopwaitsecs: int
+) -> list[str]:
+    """A long-lived program of the fleet, run by the fleet's python, logging to logs/NAME.log."""
+    return [
         f"[program:{name}]",
-        "command = " + _command(python, "-m", "collector.worker", "-c", str(cfg.path),
-                                "--srvid", str(srvid)),
-        f"directory = {_value(directory)}",
+        "command = " + _command(python, "-m", module, "-c", str(cfg.path), *args),
+        f"directory = {_value(str(cfg.directory))}",
         "autostart = true",
         # exit codes that mean "restarting cannot help" are not restarted
         "autorestart = unexpected",
         "exitcodes = " + ",".join(str(c) for c in EXPECTED_EXIT_CODES),
-        # the worker stays up while its servers are down: only a crash at
-        # start-up counts against these retries
+        # the programs stay up while servers are down: only a crash at start-up
+        # counts against these retries
         "startsecs = 3",
         "startretries = 20",
         "stopsignal = TERM",
-        f"stopwaitsecs = {cfg.collector.stop_grace + STOP_MARGIN}",
+        f"stopwaitsecs = {stopwaitsecs}",
         "stopasgroup = true",
         "killasgroup = true",
         "redirect_stderr = true",
         f"stdout_logfile = {_value(str(cfg.log_dir / f'{name}.log'))}",
         f"stdout_logfile_maxbytes = {LOG_MAXBYTES}",
         f"stdout_logfile_backups = {LOG_BACKUPS}",
-        "",
-    ])
+    ]
+
+
+def render_worker(cfg: Config, srvid: int, python: str) -> str:
+    lines = _program(cfg, python, program_name(srvid), "collector.worker", "--srvid", str(srvid),
+                     stopwaitsecs=cfg.collector.stop_grace + STOP_MARGIN)
+    return HEADER + "\n".join([*lines, ""])
 
 
 def _sha_password(password: str) -> str:
@@ -183,23 +188,9 @@ def render_supervisord(cfg: Config, python: str, workers: int) -> str:
         "[supervisorctl]",
         f"serverurl = unix://{_value(str(cfg.supervisor_socket))}",
         "",
-        "[program:control]",
-        "command = " + _command(python, "-m", "collector.control", "-c", str(cfg.path)),
-        f"directory = {_value(str(d))}",
-        "autostart = true",
-        "autorestart = unexpected",
-        "exitcodes = " + ",".join(str(c) for c in EXPECTED_EXIT_CODES),
-        "startsecs = 3",
-        "startretries = 20",
-        "stopsignal = TERM",
-        "stopwaitsecs = 20",
-        "stopasgroup = true",
-        "killasgroup = true",
+        *_program(cfg, python, "control", "collector.control", stopwaitsecs=20),
+        # started before the workers, stopped after them
         "priority = 900",
-        "redirect_stderr = true",
-        f"stdout_logfile = {_value(str(cfg.log_dir / 'control.log'))}",
-        f"stdout_logfile_maxbytes = {LOG_MAXBYTES}",
-        f"stdout_logfile_backups = {LOG_BACKUPS}",
         "",
         # program states pushed to Redis: the control process answers from them
         "[eventlistener:programs]",

@@ -21,7 +21,7 @@ import sys
 
 import psycopg
 
-from collector import config, fleet, logs, repository
+from collector import config, daemon, fleet, logs, repository
 from collector.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, FleetError, SupervisorError
 from collector.supervisord import Supervisor
 
@@ -31,8 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="create_supervisord_config.py",
         description="Generate the supervisord programs of a powa-fleet from powa_servers.",
     )
-    parser.add_argument("-c", "--config", help="collector.cfg (default: $POWA_FLEET_CONFIG, "
-                        "else the checkout's collector.cfg)")
+    daemon.config_argument(parser)
     parser.add_argument("--apply", action="store_true",
                         help="apply the result to the running supervisord (like supervisorctl "
                              "update)")

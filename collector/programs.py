@@ -26,8 +26,8 @@ import redis
 import simplejson as json
 from supervisor import childutils
 
-from collector import config, logs
-from collector.errors import EXIT_OK, FleetError, SupervisorError
+from collector import config, daemon, logs
+from collector.errors import EXIT_OK, SupervisorError
 from collector.status import client
 from collector.supervisord import Supervisor
 
@@ -152,18 +152,10 @@ def serve(table: Table, stdin: TextIO, stdout: TextIO) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m collector.programs",
                                      description="supervisord event listener of a powa-fleet")
-    parser.add_argument("-c", "--config")
+    daemon.config_argument(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = config.load(args.config)
-    except FleetError as exc:
-        for line in str(exc).splitlines():
-            print(f"programs: {line}", file=sys.stderr)
-        return exc.exit_code
-    logs.REDACTOR.add(*cfg.secrets())
     # stdout belongs to the eventlistener protocol: logs go to stderr
-    logs.setup("programs", cfg.collector.log_level)
-    serve(Table(cfg), sys.stdin, sys.stdout)
+    serve(Table(daemon.load_config("programs", args.config)), sys.stdin, sys.stdout)
     return EXIT_OK
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import psycopg
 
-from collector import __version__, config, logs, repository
+from collector import __version__, config, daemon, logs, repository
 from collector.commands import CommandListener
 from collector.errors import (
     EXIT_FAILURE,
@@ -316,7 +316,7 @@ class Worker:
 
     def shutdown(self) -> None:
         """Tear everything down, each step on its own."""
-        steps: list[tuple[str, Callable[[], None]]] = [
+        daemon.teardown(log, [
             ("remote connection", lambda: self.remote.close() if self.remote else None),
             ("watchdog", self.watchdog.close),
             ("commands", lambda: self.commands.close() if self.commands else None),
@@ -324,13 +324,7 @@ class Worker:
             ("plugins", self.events.close),
             ("signals", self.flags.uninstall),
             ("wakeup", self.wakeup.close),
-        ]
-        for name, step in steps:
-            try:
-                step()
-            except Exception:
-                log.exception("shutdown step %s failed", name)
-        log.info("stopped")
+        ])
 
     def _final_status(self) -> None:
         if self.server is not None and not self.once:
@@ -658,8 +652,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m collector.worker",
         description="Collect PoWA snapshots of one remote server.",
     )
-    parser.add_argument("-c", "--config", help="collector.cfg (default: $POWA_FLEET_CONFIG, "
-                        "else the checkout's collector.cfg)")
+    daemon.config_argument(parser)
     parser.add_argument("--srvid", type=int, required=True, help="powa_servers.id to collect")
     parser.add_argument("--once", action="store_true",
                         help="take one snapshot and exit: 0 when stored (a summary on stdout), "
@@ -672,15 +665,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     program = f"worker_{args.srvid}"
-    try:
-        cfg = config.load(args.config)
-    except FleetError as exc:
-        for line in str(exc).splitlines():
-            print(f"{program}: {line}", file=sys.stderr)
-        return exc.exit_code
-    logs.REDACTOR.add(*cfg.secrets())
     quiet = args.once and not args.verbose
-    logs.setup(program, "critical" if quiet else cfg.collector.log_level)
+    cfg = daemon.load_config(program, args.config, "critical" if quiet else None)
     try:
         events = load_dispatcher(cfg, args.srvid)
     except FleetError as exc:

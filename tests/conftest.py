@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -139,13 +138,7 @@ class Supervisord:
         return self.state(name) == "RUNNING"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(90)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        sandbox.terminate(self.process, 90)
 
 
 def start_supervisord(fleet: Fleet) -> Supervisord:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 
 import redis
 import simplejson as json
+from psycopg import sql
 
 from collector import sandbox
 from collector.repository import Conn
@@ -57,6 +57,11 @@ class Repo:
 
     def connect(self) -> Conn:
         return self.cluster.connect()
+
+    def register(self, remote: sandbox.Cluster, alias: str, **options: Any) -> int:
+        """powa_register_server() for one more remote; its srvid."""
+        with self.connect() as conn:
+            return sandbox.register_remote(conn, remote, alias=alias, **options)
 
     def one(self, query: str, params: tuple[Any, ...] = ()) -> Any:
         with self.connect() as conn:
@@ -194,6 +199,18 @@ class Fleet:
             stop_process(process)
 
 
+def password_remote(cluster: sandbox.Cluster, password: str) -> None:
+    """Only the role 'collector', with ``password`` (scram), may log in, beside postgres."""
+    with cluster.connect() as conn:
+        conn.execute(sql.SQL("CREATE ROLE collector LOGIN SUPERUSER PASSWORD {}").format(
+            sql.Literal(password)))
+    (cluster.datadir / "pg_hba.conf").write_text(
+        "host all postgres 127.0.0.1/32 trust\n"
+        "host all all 127.0.0.1/32 scram-sha-256\n"
+    )
+    cluster.reload()
+
+
 def web_ui(port: int, auth: tuple[str, str] | None) -> tuple[int, str]:
     """GET the supervisord web UI page: (HTTP status, page)."""
     request = urllib.request.Request(f"http://127.0.0.1:{port}/")
@@ -218,15 +235,8 @@ def web_states(page: str) -> dict[str, str]:
     return states
 
 
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 30) -> int | None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    return sandbox.terminate(process, timeout)
 
 
 @contextmanager

@@ -94,8 +94,7 @@ def test_stopped_worker_and_unreachable_remote(
     fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
 ) -> None:
     remote = cluster_factory(workload=20)
-    with repo.connect() as conn:
-        srvid = sandbox.register_remote(conn, remote, alias="down", frequency=5)
+    srvid = repo.register(remote, alias="down", frequency=5)
     assert fleet.generate().returncode == 0
     supervisord = start_supervisord(fleet)
     try:
@@ -124,8 +123,7 @@ def test_reload_adds_changes_and_removes_servers(
 ) -> None:
     pids = {name: running.pid(name) for name in WORKERS}
     remote = cluster_factory(workload=20)
-    with repo.connect() as conn:
-        srvid = sandbox.register_remote(conn, remote, alias="added", frequency=5)
+    srvid = repo.register(remote, alias="added", frequency=5)
     reload = ask(repo, "RELOAD", timeout=10)
     assert (reload.status, reload.data) == ("OK", "OK")
     # answered once it is done: the new worker is there already

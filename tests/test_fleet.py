@@ -142,8 +142,7 @@ def test_add_and_delete_servers_touch_no_other_worker(
     supervisord.wait_running(*WORKERS)
     pids = {name: supervisord.pid(name) for name in WORKERS}
     remote = cluster_factory(workload=20)
-    with repo.connect() as conn:
-        srvid = sandbox.register_remote(conn, remote, alias="fourth")
+    srvid = repo.register(remote, alias="fourth")
     repo.due_in(srvid, 3, frequency=5)
     result = fleet.generate("--apply")
     assert result.returncode == 0, result.stderr

@@ -10,7 +10,7 @@ import pytest
 import simplejson as json
 
 from collector import sandbox
-from tests.helpers import ROOT, Fleet, Repo, stop_process, wait_for
+from tests.helpers import ROOT, Fleet, Repo, password_remote, stop_process, wait_for
 from tests.unit.test_plugins import Post, Receiver, script
 
 PASSWORD = "Pl4gin-S3cret-pw!"
@@ -53,16 +53,6 @@ def test_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(package.parent))
 
 
-def password_remote(cluster: sandbox.Cluster) -> None:
-    """The remote accepts the role 'collector' with a password only (beside postgres)."""
-    with cluster.connect() as conn:
-        conn.execute(f"CREATE ROLE collector LOGIN SUPERUSER PASSWORD '{PASSWORD}'")
-    (cluster.datadir / "pg_hba.conf").write_text(
-        "host all postgres 127.0.0.1/32 trust\n"
-        "host all all 127.0.0.1/32 scram-sha-256\n"
-    )
-    cluster.reload()
-
 
 def notifications(receiver: Receiver) -> list[str]:
     return [post.body["notification"] for post in receiver.accepted]
@@ -72,10 +62,9 @@ def test_webhook_receives_the_outage_and_the_recovery(
     fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
 ) -> None:
     remote = cluster_factory(workload=50)
-    password_remote(remote)
-    with repo.connect() as conn:
-        srvid = sandbox.register_remote(conn, remote, alias="flaky", username="collector",
-                                        password=PASSWORD)
+    password_remote(remote, PASSWORD)
+    srvid = repo.register(remote, alias="flaky", username="collector",
+                          password=PASSWORD)
     repo.due_in(srvid, 1, frequency=5)
     # the first POST is refused: delivered all the same, by a retry
     with Receiver(statuses=[500]) as receiver:

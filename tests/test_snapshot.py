@@ -81,8 +81,7 @@ def test_broken_source_is_recorded_and_the_others_are_stored(
     fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
 ) -> None:
     remote = cluster_factory(workload=100)
-    with repo.connect() as conn:
-        srvid = sandbox.register_remote(conn, remote, alias="broken")
+    srvid = repo.register(remote, alias="broken")
     assert fleet.once(srvid).returncode == 0
     with remote.connect() as conn:
         conn.execute("DROP EXTENSION pg_stat_kcache")
@@ -135,8 +134,7 @@ def test_kill_9_mid_snapshot_leaves_nothing_behind(
     fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
 ) -> None:
     remote = cluster_factory(workload=200)
-    with repo.connect() as conn:
-        srvid = sandbox.register_remote(conn, remote, alias="killed")
+    srvid = repo.register(remote, alias="killed")
     assert fleet.once(srvid).returncode == 0
     history = repo.one(
         "SELECT count(*) FROM powa_statements_history_current WHERE srvid = %s", (srvid,)
@@ -174,8 +172,7 @@ def test_concurrent_snapshots_of_one_server_never_overlap(
     fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
 ) -> None:
     remote = cluster_factory(workload=50)
-    with repo.connect() as conn:
-        srvid = sandbox.register_remote(conn, remote, alias="overlap")
+    srvid = repo.register(remote, alias="overlap")
     add_slow_source(repo, remote, srvid, 3)
     first = subprocess.Popen(
         [PYTHON, "-m", "collector.worker", "-c", str(fleet.cfg_path), "--srvid", str(srvid),
@@ -248,8 +245,7 @@ def test_sigterm_during_snapshot_rolls_back_and_exits_in_time(
     fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
 ) -> None:
     remote = cluster_factory(workload=50)
-    with repo.connect() as conn:
-        srvid = sandbox.register_remote(conn, remote, alias="stopped")
+    srvid = repo.register(remote, alias="stopped")
     add_slow_source(repo, remote, srvid, 60)
     repo.due_in(srvid, 1, frequency=120)
     process = fleet.start_worker(srvid)

@@ -13,7 +13,7 @@ import redis
 import simplejson as json
 
 from collector import sandbox
-from tests.helpers import Fleet, Repo, proc_text, stop_process, wait_for
+from tests.helpers import Fleet, Repo, password_remote, proc_text, stop_process, wait_for
 from tests.test_snapshot import add_slow_source
 
 PASSWORD = "Sup3r-S3cret-pw!"
@@ -53,8 +53,7 @@ def test_remote_down_then_back_without_restart(
     fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
 ) -> None:
     remote = cluster_factory(workload=50)
-    with repo.connect() as conn:
-        srvid = sandbox.register_remote(conn, remote, alias="flaky")
+    srvid = repo.register(remote, alias="flaky")
     repo.due_in(srvid, 1, frequency=5)
     worker = fleet.start_worker(srvid)
     wait_for(lambda: repo.snapshots(srvid) >= 1, 15, "a first snapshot")
@@ -138,25 +137,14 @@ def test_redis_down_snapshots_continue_and_status_comes_back(
     assert "status written to Redis again" in fleet.log(srvid)
 
 
-def password_remote(cluster: sandbox.Cluster) -> None:
-    """Only the role 'collector' with a password (scram) may log in, beside postgres."""
-    with cluster.connect() as conn:
-        conn.execute(f"CREATE ROLE collector LOGIN SUPERUSER PASSWORD '{PASSWORD}'")
-    (cluster.datadir / "pg_hba.conf").write_text(
-        "host all postgres 127.0.0.1/32 trust\n"
-        "host all all 127.0.0.1/32 scram-sha-256\n"
-    )
-    cluster.reload()
-
 
 def test_password_never_leaks(
     fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
 ) -> None:
     remote = cluster_factory(workload=50)
-    password_remote(remote)
-    with repo.connect() as conn:
-        srvid = sandbox.register_remote(conn, remote, alias="secret", username="collector",
-                                        password=PASSWORD)
+    password_remote(remote, PASSWORD)
+    srvid = repo.register(remote, alias="secret", username="collector",
+                          password=PASSWORD)
     repo.due_in(srvid, 1, frequency=5)
     worker = fleet.start_worker(srvid)
     wait_for(lambda: repo.snapshots(srvid) >= 1, 15, "a snapshot with scram authentication")
@@ -297,8 +285,7 @@ def test_a_frozen_remote_cannot_stall_the_worker(
     fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
 ) -> None:
     remote = cluster_factory(workload=20)
-    with repo.connect() as conn:
-        srvid = sandbox.register_remote(conn, remote, alias="frozen")
+    srvid = repo.register(remote, alias="frozen")
     add_slow_source(repo, remote, srvid, 2)
     repo.due_in(srvid, 1, frequency=5)
     worker = fleet.start_worker(srvid)
