@@ -10,29 +10,31 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 APT_PACKAGES := postgresql-15 postgresql-15-powa postgresql-15-pg-stat-kcache \
 	postgresql-15-pg-qualstats redis-server python3-venv
 
-.PHONY: test lint unit demo demo-clean bench system-deps venv clean
+.PHONY: test lint unit demo demo-clean bench system-deps runtime dev clean
 
-test: venv
+test: dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
 
-lint: venv
+lint: dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 # fast tests of pure logic, no services
-unit: venv
-	$(VENV)/bin/pytest -m "not slow" tests/unit
+unit: dev
+	$(VENV)/bin/pytest tests/unit
 
-demo: venv
+demo: runtime
 	$(VPY) -m collector.demo
 
-demo-clean: venv
+demo-clean: runtime
 	$(VPY) -m collector.demo --clean
 
-bench: venv
-	$(VPY) benchmarks/run_all.py
+# the latest figures are in docs/benchmarks.md
+bench: runtime
+	$(VPY) -m benchmarks.snapshot_bench
+	$(VPY) -m benchmarks.fleet_bench
 
 system-deps:
 	@missing=""; \
@@ -43,10 +45,17 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-venv: system-deps $(VENV)/.installed
+# what the fleet runs with (the demo needs no more)
+runtime: system-deps $(VENV)/.runtime
+# plus the test and lint tools
+dev: runtime $(VENV)/.dev
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.runtime: pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime
 	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 

@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from collector import config, logs
-from collector.errors import FleetError
+from collector.errors import EXPECTED_EXIT_CODES, FleetError
+
+STARTED = time.monotonic()
+#: supervisord counts an exit before ``startsecs`` (1 s by default) as a failed
+#: start and retries it, whatever its exit code
+MIN_UPTIME = 1.5
+
+
+def settle(code: int) -> int:
+    """Delay an exit that supervisord must not retry until it can tell it is one."""
+    if code and code in EXPECTED_EXIT_CODES and os.environ.get("SUPERVISOR_ENABLED"):
+        time.sleep(max(0.0, MIN_UPTIME - (time.monotonic() - STARTED)))
+    return code
 
 
 def config_argument(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +41,7 @@ def load_config(program: str, path: str | None, level: str | None = None) -> con
     except FleetError as exc:
         for line in str(exc).splitlines():
             print(f"{program}: {line}", file=sys.stderr)
-        raise SystemExit(exc.exit_code) from None
+        raise SystemExit(settle(exc.exit_code)) from None
     logs.REDACTOR.add(*cfg.secrets())
     logs.setup(program, level or cfg.collector.log_level)
     return cfg

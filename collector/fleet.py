@@ -107,6 +107,17 @@ def check_paths(cfg: Config, python: str) -> None:
         raise ConfigError(problems)
 
 
+PROGRAM_DEFAULTS = """\
+; supervisord's defaults are what a long-lived collector wants, so they are not
+; repeated (every line of every program file costs supervisord time on each
+; reload of a large fleet): autostart = true, autorestart = unexpected,
+; stopsignal = TERM, startsecs = 1, startretries = 3.  The programs stay up
+; while servers are down, so only a crash at start-up counts as a retry; when
+; they exit on purpose (exit codes below) they do it after startsecs, so that
+; supervisord honours exitcodes and does not restart them.
+"""
+
+
 def _program(
     cfg: Config, python: str, name: str, module: str, *args: str, stopwaitsecs: int
 ) -> list[str]:
@@ -114,19 +125,10 @@ def _program(
     return [
         f"[program:{name}]",
         "command = " + _command(python, "-m", module, "-c", str(cfg.path), *args),
-        f"directory = {_value(str(cfg.directory))}",
-        "autostart = true",
-        # exit codes that mean "restarting cannot help" are not restarted
-        "autorestart = unexpected",
         "exitcodes = " + ",".join(str(c) for c in EXPECTED_EXIT_CODES),
-        # the programs stay up while servers are down: only a crash at start-up
-        # counts against these retries
-        "startsecs = 3",
-        "startretries = 20",
-        "stopsignal = TERM",
         f"stopwaitsecs = {stopwaitsecs}",
+        # a plugin's child process goes with its worker (killasgroup follows)
         "stopasgroup = true",
-        "killasgroup = true",
         "redirect_stderr = true",
         f"stdout_logfile = {_value(str(cfg.log_dir / f'{name}.log'))}",
         f"stdout_logfile_maxbytes = {LOG_MAXBYTES}",
@@ -137,7 +139,7 @@ def _program(
 def render_worker(cfg: Config, srvid: int, python: str) -> str:
     lines = _program(cfg, python, program_name(srvid), "collector.worker", "--srvid", str(srvid),
                      stopwaitsecs=cfg.collector.stop_grace + STOP_MARGIN)
-    return HEADER + "\n".join([*lines, ""])
+    return HEADER + PROGRAM_DEFAULTS + "\n".join([*lines, ""])
 
 
 def _sha_password(password: str) -> str:

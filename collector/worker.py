@@ -672,8 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     except FleetError as exc:
         for line in str(exc).splitlines():
             print(f"{program}: {line}", file=sys.stderr)
-        return exc.exit_code
-    return Worker(cfg, args.srvid, once=args.once, events=events).run()
+        return daemon.settle(exc.exit_code)
+    return daemon.settle(Worker(cfg, args.srvid, once=args.once, events=events).run())
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def test_generated_files(fleet: Fleet, repo: Repo) -> None:
     assert "[program:worker_2]" in worker
     assert "--srvid 2" in worker
     assert "exitcodes = 0,2,3,4" in worker
+    assert "stopwaitsecs = 20" in worker  # above the worker's stop_grace (5 s in tests)
     # a second run with no change rewrites nothing
     mtimes = {p: p.stat().st_mtime_ns for p in available.iterdir()}
     again = fleet.generate()
@@ -195,6 +197,23 @@ def test_hostile_rows_generate_the_same_files_as_plain_ones(fleet: Fleet, repo: 
         assert names == {"control", "programs"} | expected
     finally:
         running.stop()
+
+
+def test_a_worker_that_cannot_work_is_not_restarted(
+    fleet: Fleet, repo: Repo, supervisord: Supervisord
+) -> None:
+    supervisord.wait_running(*WORKERS)
+    supervisord.ctl("stop", "worker_2")
+    # the server leaves powa_servers, but nobody reloaded the fleet
+    repo.execute("SELECT powa_delete_and_purge_server(2)")
+    supervisord.ctl("start", "worker_2")
+    wait_for(lambda: supervisord.state("worker_2") == "EXITED", 15, "worker_2 to exit")
+    info = supervisord.rpc.process("worker_2")
+    assert info is not None and info["exitstatus"] == 3
+    time.sleep(4)
+    # exit status 3 is expected: no restart, no crash loop
+    assert supervisord.state("worker_2") == "EXITED"
+    assert "not in powa_servers" in (fleet.directory / "logs" / "worker_2.log").read_text()
 
 
 def test_generator_errors_are_one_line_and_write_nothing(
