@@ -127,7 +127,7 @@ def _program(
         "command = " + _command(python, "-m", module, "-c", str(cfg.path), *args),
         "exitcodes = " + ",".join(str(c) for c in EXPECTED_EXIT_CODES),
         f"stopwaitsecs = {stopwaitsecs}",
-        # a plugin's child process goes with its worker (killasgroup follows)
+        # the whole process group stops with the program (killasgroup follows)
         "stopasgroup = true",
         "redirect_stderr = true",
         f"stdout_logfile = {_value(str(cfg.log_dir / f'{name}.log'))}",
