@@ -170,9 +170,10 @@ def compare(ours_dsn: str, servers: int, upstream_dsn: str) -> list[list[object]
     """powa-fleet and upstream (3 servers) taking turns, so both see the same machine load."""
     ours: list[float] = []
     theirs: list[float] = []
-    for _ in range(3):
-        ours += round_trips(ours_dsn, count=REQUESTS // 3)
-        theirs += round_trips(upstream_dsn, count=REQUESTS // 3)
+    # a p99 of a few hundred samples is the third worst: take enough to mean something
+    for _ in range(10):
+        ours += round_trips(ours_dsn, count=REQUESTS)
+        theirs += round_trips(upstream_dsn, count=REQUESTS)
     load = Path("/proc/loadavg").read_text().split()[0]
     return [
         latency_row(f"powa-fleet (load average {load})", servers, ours),
