@@ -114,7 +114,7 @@ def ours(
     """One snapshot as the worker takes it: wall time and its phases."""
     started = time.perf_counter()
     with repository.session(repo.dsn(), f"worker {srvid}") as conn:
-        result = Snapshot(conn, remote, srvid, remote_timeout_ms=300_000).run()
+        result = Snapshot(conn, remote, srvid, budget=300).run()
     wall = time.perf_counter() - started
     assert result.outcome == "ok", result.errors
     return wall, result.timings

@@ -50,6 +50,8 @@ def _short_time(text: object) -> str:
 
 def _cell(text: object, width: int) -> str:
     flat = " ".join(str(text).split()) if text not in (None, "") else "-"
+    # aliases and errors are untrusted: no escape sequence reaches the terminal
+    flat = "".join(c if c.isprintable() else "?" for c in flat)
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 

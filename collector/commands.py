@@ -1,6 +1,6 @@
 """Commands from the control process to one worker, through Redis.
 
-The control process pushes a JSON request on ``<prefix>:worker:N:commands``
+The control process pushes a JSON request on ``<prefix>:commands:N``
 and waits for the answer on the reply list it named.  The worker listens in
 a thread of its own (a blocking pop with a short timeout), so it answers
 while a snapshot runs, and wakes its main loop when there is work for it.

@@ -147,6 +147,7 @@ class Control:
                 self.handle(notify.payload, notify.pid)
 
     def _connect(self) -> bool:
+        conn = None
         try:
             conn = psycopg.connect(
                 self.cfg.repository.dsn,
@@ -154,19 +155,21 @@ class Control:
                 application_name="powa-fleet control",
                 connect_timeout=self.cfg.repository.connect_timeout,
                 client_encoding="UTF8",
-                keepalives=1,
-                keepalives_idle=30,
-                keepalives_interval=10,
-                keepalives_count=3,
+                **repository.KEEPALIVES,
             )
             self.powa = repository.require_powa(conn)
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(protocol.CHANNEL)))
+            servers = self._servers(conn) if not self.fingerprints else None
         except (psycopg.Error, FleetError) as exc:
+            if conn is not None:
+                conn.close()
             if self.lost_at is None:
                 self.lost_at = time.monotonic()
             log.error("cannot listen on the repository: %s", logs.one_line(exc))
             return False
         self.conn = conn
+        if servers is not None:
+            self._remember(servers)
         self.backoff.reset()
         self.last_check = time.monotonic()
         if self.lost_at is not None:
@@ -177,8 +180,6 @@ class Control:
             self.lost_at = None
         else:
             log.info("listening on %s", protocol.CHANNEL)
-        if not self.fingerprints:
-            self._remember(self._servers())
         return True
 
     def _lost(self, exc: Exception) -> None:
@@ -239,8 +240,10 @@ class Control:
         try:
             return handler(request)
         except (ProtocolError, FleetError) as exc:
-            log.warning("%s refused: %s", request.command, exc)
-            return "ERROR", logs.one_line(exc)
+            # the reason quotes request fields: one line, or they could forge log lines
+            reason = logs.one_line(exc)
+            log.warning("%s refused: %s", request.command, reason)
+            return "ERROR", reason
 
     def allowed(self, pid: int) -> bool:
         """May the sending backend's role signal backends (PostgreSQL 14+ rule)?"""
@@ -333,9 +336,10 @@ class Control:
         return views[0]
 
     # ------------------------------------------------------------------ reload
-    def _servers(self) -> list[Server]:
-        assert self.conn is not None and self.powa is not None
-        return repository.list_servers(self.conn, self.powa)
+    def _servers(self, conn: Conn | None = None) -> list[Server]:
+        conn = conn or self.conn
+        assert conn is not None and self.powa is not None
+        return repository.list_servers(conn, self.powa)
 
     def _remember(self, servers: list[Server]) -> dict[int, str]:
         previous = self.fingerprints
@@ -348,7 +352,8 @@ class Control:
         servers = self._servers()
         report = fleet.generate(self.cfg, [s.srvid for s in servers])
         supervisor = Supervisor(self.cfg.supervisor_socket)
-        applied = supervisor.apply()
+        # restarting itself from inside a request would kill this very request
+        applied = supervisor.apply(keep="control")
         previous = self._remember(servers)
         changed = {s for s, fp in self.fingerprints.items() if s in previous and previous[s] != fp}
         # only a worker that published its status has its SIGHUP handler in place (a

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from collector.config import Config
 from collector.errors import EXPECTED_EXIT_CODES, ConfigError, FleetError
+from collector.supervisord import MAX_SOCKET_PATH
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def check_paths(cfg: Config, python: str) -> None:
                 f"{cfg.path}: the {what} path {path!r} contains a line break, ';' or '#',"
                 " which supervisord configuration files cannot hold"
             )
-    if len(str(cfg.supervisor_socket)) > 107:
+    if len(str(cfg.supervisor_socket)) > MAX_SOCKET_PATH:
         problems.append(f"{cfg.path}: the fleet directory path is too long for a unix socket"
                         f" ({cfg.supervisor_socket})")
     if problems:
@@ -202,7 +203,9 @@ def render_supervisord(cfg: Config, python: str, workers: int) -> str:
         # every program's start and stop is an event: room for a whole fleet's
         f"buffer_size = {_round_up(4 * (workers + 10), 256)}",
         "autostart = true",
-        "autorestart = true",
+        # a bad configuration (exit 2) is not retried in a loop
+        "autorestart = unexpected",
+        "exitcodes = " + ",".join(str(c) for c in EXPECTED_EXIT_CODES),
         "startsecs = 1",
         "startretries = 20",
         "priority = 1",

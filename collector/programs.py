@@ -60,55 +60,69 @@ def state_from_event(event: str, headers: dict[str, str]) -> tuple[str, dict[str
 
 
 class Table:
-    """The programs' states, mirrored to Redis whenever Redis answers."""
+    """The programs' states, mirrored to Redis whenever Redis answers.
+
+    The whole table is kept here: after a Redis failure it is written again
+    from memory, without asking supervisord (which, with a whole fleet
+    starting, would be asked once per event).
+    """
 
     def __init__(self, cfg: config.Config) -> None:
         self.cfg = cfg
         self.redis = client(cfg.redis.url, socket_timeout=1.0)
         self.key = programs_key(cfg.redis.prefix)
         self.alive = alive_key(cfg.redis.prefix)
-        self.pending: dict[str, dict[str, Any]] = {}
-        self.reseed = True
+        self.states: dict[str, dict[str, Any]] = {}
+        self.changed: set[str] = set()
+        #: the hash in Redis may miss changes: write it whole at the next flush
+        self.rewrite = True
+        self.seeded = False
         self.failing = False
 
     def seed(self) -> None:
-        """The whole table from supervisord (at start, and after Redis came back)."""
+        """The whole table from supervisord (at start, until it answers once)."""
         try:
             processes = Supervisor(self.cfg.supervisor_socket, timeout=30).all_processes()
         except SupervisorError as exc:
             log.warning("cannot read the process table yet: %s", exc)
             return
         now = round(time.time(), 3)
-        self.pending = {
+        seeded = {
             name: {"state": str(info["statename"]), "pid": int(info["pid"] or 0),
                    "since": float(info.get("start") or now)}
             for name, info in processes.items()
         }
-        self.reseed = False
-        self.flush(replace=True)
+        # events received meanwhile are newer than the table
+        self.states = {**seeded, **self.states}
+        self.seeded, self.rewrite = True, True
+        self.flush()
 
     def tick(self) -> None:
         """Every five seconds: readers learn the table is kept current."""
+        if not self.seeded:
+            self.seed()
         self.flush()
         if not self.failing:
             try:
                 self.redis.publish(self.key, json.dumps({"tick": round(time.time(), 3)}))
             except redis.RedisError:
-                self.reseed = True
+                self.rewrite = True
 
     def update(self, name: str, state: dict[str, Any]) -> None:
-        self.pending[name] = state
+        self.states[name] = state
+        self.changed.add(name)
         self.flush()
 
-    def flush(self, replace: bool = False) -> None:
-        """Write what changed; on a Redis failure keep it for the next try."""
+    def flush(self) -> None:
+        """Write what changed (everything after a failure); on failure, keep it for later."""
+        names = list(self.states) if self.rewrite else sorted(self.changed)
         try:
             with self.redis.pipeline(transaction=True) as pipe:
-                if replace:
+                if self.rewrite:
                     pipe.delete(self.key)
-                for name, state in self.pending.items():
-                    text = json.dumps(state)
-                    pipe.hset(self.key, name, text)
+                for name in names:
+                    state = self.states[name]
+                    pipe.hset(self.key, name, json.dumps(state))
                     pipe.publish(self.key, json.dumps({"name": name, **state}))
                 pipe.set(self.alive, "1", ex=ALIVE_TTL)
                 pipe.execute()
@@ -118,12 +132,13 @@ class Table:
                             logs.one_line(exc))
                 self.failing = True
             # what happened meanwhile may be lost on the channel: write the whole table later
-            self.reseed = True
+            self.rewrite = True
             return
         if self.failing:
             log.info("writing program states to Redis again")
             self.failing = False
-        self.pending = {}
+        self.changed.clear()
+        self.rewrite = False
 
 
 def serve(table: Table, stdin: TextIO, stdout: TextIO) -> None:
@@ -137,8 +152,6 @@ def serve(table: Table, stdin: TextIO, stdout: TextIO) -> None:
             return
         try:
             event = headers.get("eventname", "")
-            if table.reseed:
-                table.seed()
             found = state_from_event(event, childutils.get_headers(payload.split("\n", 1)[0]))
             if found is not None:
                 table.update(*found)

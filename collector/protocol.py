@@ -20,7 +20,6 @@ NO_ANSWER = "-"
 MAX_PAYLOAD = 7999
 #: NAMEDATALEN - 1: longer identifiers would be truncated by PostgreSQL
 MAX_CHANNEL = 63
-COMMANDS = ("RELOAD", "WORKERS_STATUS", "FORCE_SNAPSHOT", "REFRESH_DB_CAT")
 
 
 class ProtocolError(Exception):

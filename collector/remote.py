@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import select
-import socket
+import time
 
 import psycopg
 
+from collector import repository
 from collector.errors import RemoteUnavailable
 from collector.logs import REDACTOR, one_line
-from collector.repository import Conn, PowaExtension, Server, powa_extension
+from collector.repository import (
+    KEEPALIVES,
+    Conn,
+    PowaExtension,
+    Server,
+    powa_extension,
+    set_lock_timeout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,7 @@ class RemoteSession:
     def __init__(self, server: Server, connect_timeout: int = 5) -> None:
         self.server = server
         self.connect_timeout = connect_timeout
+        self.versions_read_at = 0.0
         self.conn: Conn | None = None
         self.powa: PowaExtension | None = None
         self.server_version = ""
@@ -54,7 +62,6 @@ class RemoteSession:
         """Connect and learn the remote's versions; RemoteUnavailable on failure."""
         self.close()
         server = self.server
-        timeout_ms = max(1, self.connect_timeout) * 1000
         try:
             conn = psycopg.connect(
                 host=server.hostname,
@@ -66,34 +73,20 @@ class RemoteSession:
                 application_name=f"powa-fleet worker {server.srvid}",
                 connect_timeout=self.connect_timeout,
                 client_encoding="UTF8",
-                keepalives=1,
-                keepalives_idle=30,
-                keepalives_interval=10,
-                keepalives_count=3,
-                tcp_user_timeout=timeout_ms * 6,
+                **KEEPALIVES,
             )
         except psycopg.Error as exc:
             raise RemoteUnavailable(one_line(exc)) from None
         try:
-            powa = powa_extension(conn)
-            row = conn.execute(_REMOTE_INFO).fetchone()
-            conn.execute(
-                "SELECT pg_catalog.set_config(name, '2000', false) FROM pg_catalog.pg_settings"
-                " WHERE name = 'lock_timeout' AND setting = '0'"
-            )
+            set_lock_timeout(conn)
+            self.conn = conn
+            self.refresh_versions()
         except psycopg.Error as exc:
-            conn.close()
+            self.close()
             raise RemoteUnavailable(one_line(exc)) from None
-        assert row is not None
-        self.conn = conn
-        self.powa = powa
-        self.server_version = str(row[0])
-        self.extensions = {str(k): str(v) for k, v in (row[1] or {}).items()}
-        self.hypopg = None if row[2] is None else str(row[2])
-        self.versions_pending = True
 
     def refresh_versions(self) -> None:
-        """Re-read versions (after a reload): the next snapshot stores them."""
+        """Read the remote's versions: the next snapshot stores them in the repository."""
         if self.conn is None:
             return
         row = self.conn.execute(_REMOTE_INFO).fetchone()
@@ -103,6 +96,7 @@ class RemoteSession:
         self.hypopg = None if row[2] is None else str(row[2])
         self.powa = powa_extension(self.conn)
         self.versions_pending = True
+        self.versions_read_at = time.monotonic()
 
     def close(self) -> None:
         if self.conn is not None:
@@ -141,20 +135,11 @@ class RemoteSession:
         return True
 
     def abort(self) -> None:
-        """Shut the connection's socket down (from another thread): a query blocked on a
-        frozen server fails at once instead of waiting for it forever."""
-        fd = self.fileno()
-        if fd is None:
-            return
-        with contextlib.suppress(OSError):
-            # a duplicate of the descriptor: shutting it down ends the connection for both
-            sock = socket.socket(fileno=os.dup(fd))
-            sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+        """Shut the connection down under a statement blocked on a frozen server."""
+        if self.conn is not None:
+            repository.abort(self.conn)
 
     def cancel(self) -> None:
         """Cancel the statement running on the remote (from another thread)."""
-        conn = self.conn
-        if conn is not None and not conn.closed:
-            with contextlib.suppress(Exception):
-                conn.cancel_safe(timeout=2.0)
+        if self.conn is not None:
+            repository.cancel(self.conn)

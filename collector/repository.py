@@ -9,12 +9,16 @@ lives in, looked up on each connection and quoted with ``psycopg.sql``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -29,6 +33,16 @@ Conn = psycopg.Connection[TupleRow]
 
 #: upstream powa-collector sets the same lock_timeout when none is configured
 LOCK_TIMEOUT_MS = 2000
+#: a peer gone from the network is noticed within about a minute, even by a
+#: connection waiting for an answer (keepalives) or with data unacknowledged
+#: (tcp_user_timeout, in ms)
+KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
+}
 
 
 @dataclass(frozen=True)
@@ -84,20 +98,26 @@ def connect(dsn: str, purpose: str, connect_timeout: int = 10) -> Conn:
             application_name=f"powa-fleet {purpose}"[:63],
             connect_timeout=connect_timeout,
             client_encoding="UTF8",
+            **KEEPALIVES,
         )
     except psycopg.Error as exc:
         raise RepositoryUnavailable(f"cannot connect to the repository: {one_line(exc)}") from None
     try:
-        conn.execute(
-            "SELECT pg_catalog.set_config(name, %s, false) FROM pg_catalog.pg_settings"
-            " WHERE name = 'lock_timeout' AND setting = '0'",
-            (str(LOCK_TIMEOUT_MS),),
-        )
+        set_lock_timeout(conn)
         conn.commit()
     except psycopg.Error as exc:
         conn.close()
         raise RepositoryUnavailable(f"repository session set-up failed: {one_line(exc)}") from None
     return conn
+
+
+def set_lock_timeout(conn: Conn) -> None:
+    """Upstream's lock_timeout for this session, unless one is configured already."""
+    conn.execute(
+        "SELECT pg_catalog.set_config(name, %s, false) FROM pg_catalog.pg_settings"
+        " WHERE name = 'lock_timeout' AND setting = '0'",
+        (str(LOCK_TIMEOUT_MS),),
+    )
 
 
 @contextmanager
@@ -108,6 +128,25 @@ def session(dsn: str, purpose: str, connect_timeout: int = 10) -> Iterator[Conn]
         yield conn
     finally:
         conn.close()
+
+
+def cancel(conn: Conn) -> None:
+    """Cancel the statement a connection runs (from another thread)."""
+    if not conn.closed:
+        with contextlib.suppress(Exception):
+            conn.cancel_safe(timeout=2.0)
+
+
+def abort(conn: Conn) -> None:
+    """Shut a connection's socket down (from another thread): a statement blocked on a
+    server that does not answer, not even to a cancel, fails at once."""
+    if conn.closed:
+        return
+    with contextlib.suppress(OSError, psycopg.Error):
+        # a duplicate of the descriptor: shutting it down ends the connection for both
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
 
 
 def powa_extension(conn: Conn) -> PowaExtension | None:
@@ -252,6 +291,12 @@ def save_versions(
 def report_failure(dsn: str, srvid: int, error: str, connect_timeout: int = 10) -> None:
     """Replace a server's stored errors with one line, in a short session of its own."""
     with session(dsn, f"worker {srvid}", connect_timeout) as conn:
-        powa = require_powa(conn)
-        record_errors(conn, powa, srvid, [error], replace=True)
-        conn.commit()
+        try:
+            powa = require_powa(conn)
+            record_errors(conn, powa, srvid, [error], replace=True)
+            conn.commit()
+        except psycopg.Error as exc:
+            if conn.broken:
+                raise RepositoryUnavailable(one_line(exc)) from None
+            # e.g. a lock timeout: a snapshot of the server holds its row right now
+            raise

@@ -22,16 +22,16 @@ Every repository write of the snapshot happens in one transaction:
   ``powa_take_snapshot`` (which clears that column first).
 
 On the remote, the sources run in one transaction committed before the
-repository work, and ``query_cleanup`` runs only after its source's rows
-reached the repository (upstream runs it even when the source failed, which
-throws away data that was never stored).
+repository work, and ``query_cleanup`` (e.g. ``pg_qualstats_reset()``) runs
+only once the snapshot is committed, for the sources that were stored
+(upstream runs it right after each source, even a failed one: data that
+never reached the repository is thrown away).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
@@ -133,15 +133,37 @@ def _clear_tmp(repo: Conn, powa: PowaExtension, srvid: int, sources: list[Source
     repo.execute(statements)
 
 
+class Guard:
+    """What watches a snapshot's remote statements (the worker's watchdog); inert here.
+
+    ``remote_begin(deadline)`` opens a phase of remote statements that must end
+    by ``deadline`` (monotonic), ``remote_statement()`` tells one starts,
+    ``remote_end()`` closes the phase; ``cancelled()`` says the queries were
+    cancelled on purpose (the worker stops): the snapshot is then rolled back
+    whole instead of recorded.
+    """
+
+    def remote_begin(self, deadline: float) -> None:
+        return None
+
+    def remote_statement(self) -> None:
+        return None
+
+    def remote_end(self) -> None:
+        return None
+
+    def cancelled(self) -> bool:
+        return False
+
+
 class Snapshot:
     """Takes one snapshot; ``run()`` returns a SnapshotResult or raises.
 
-    ``cancelled`` tells whether the caller cancelled the queries on purpose
-    (stop): then the whole snapshot is rolled back instead of recorded.
-    ``remote_done`` is called once the remote's part is over, whatever happened.
-    ``clear_stale`` first deletes the server's rows left in the ``_tmp``
-    tables by someone else (a worker does it once, at its first snapshot:
-    the deletes scan tables full of dead rows, not worth paying every time).
+    The remote part (the sources, then their cleanups) must end within
+    ``budget`` seconds: past it, no new source is started.  ``clear_stale``
+    first deletes the server's rows left in the ``_tmp`` tables by someone
+    else (a worker does it once, at its first snapshot: the deletes scan tables
+    full of dead rows, not worth paying every time).
     Exceptions: RemoteUnavailable when the remote connection is lost,
     ConcurrentSnapshotError, SnapshotAborted, psycopg.Error from the repository.
     """
@@ -152,17 +174,15 @@ class Snapshot:
         remote: RemoteSession,
         srvid: int,
         *,
-        remote_timeout_ms: int,
-        cancelled: Callable[[], bool] = lambda: False,
-        remote_done: Callable[[], None] = lambda: None,
+        budget: float,
+        guard: Guard | None = None,
         clear_stale: bool = False,
     ) -> None:
         self.repo = repo
         self.remote = remote
         self.srvid = srvid
-        self.remote_timeout_ms = remote_timeout_ms
-        self.cancelled = cancelled
-        self.remote_done = remote_done
+        self.budget = budget
+        self.guard = guard or Guard()
         self.clear_stale = clear_stale
         self.result = SnapshotResult(srvid=srvid, started_at=time.time())
 
@@ -179,13 +199,14 @@ class Snapshot:
         _lock_server(repo, powa, srvid)
         sources = _sources(repo, powa, srvid)
         mark = self._phase("prepare", started)
+        copied: list[Source] = []
         if self._compatible(powa):
             if not sources:
                 log.info("no snapshot source enabled for server %d", srvid)
             if self.clear_stale:
                 _clear_tmp(repo, powa, srvid, sources)
             with repo.transaction() as data:
-                self._copy_sources(powa, sources)
+                copied = self._copy_sources(powa, sources)
                 mark = self._phase("sources", mark)
                 self._take(powa, data)
                 mark = self._phase("powa_take_snapshot", mark)
@@ -201,6 +222,8 @@ class Snapshot:
         repo.commit()
         self.remote.versions_pending = False
         self.result.committed = True
+        if not self.result.failed:
+            self._cleanup(powa, copied)
         self._phase("commit", mark)
         self.result.duration = time.perf_counter() - started
         return self.result
@@ -224,38 +247,55 @@ class Snapshot:
         log.error("%s", error)
         return False
 
-    def _copy_sources(self, powa: PowaExtension, sources: list[Source]) -> None:
+    def _copy_sources(self, powa: PowaExtension, sources: list[Source]) -> list[Source]:
+        """Stream every source in one remote transaction; the sources stored."""
         remote = self.remote.conn
         if remote is None:
             raise RemoteUnavailable("no connection to remote server")
         assert self.remote.powa is not None
         remote_powa = self.remote.powa
+        deadline = time.monotonic() + self.budget
+        copied = []
+        self.guard.remote_begin(deadline)
         try:
             with remote.transaction():
+                self.guard.remote_statement()
                 remote.execute(
                     sql.SQL("SET LOCAL statement_timeout = {}").format(
-                        sql.Literal(self.remote_timeout_ms)
+                        sql.Literal(int(self.budget * 1000))
                     )
                 )
-                for source in sources:
-                    self._copy_one(powa, remote_powa, source)
+                for n, source in enumerate(sources):
+                    if time.monotonic() >= deadline:
+                        self._skip_late(sources[n:])
+                        break
+                    if self._copy_one(powa, remote_powa, source):
+                        copied.append(source)
         except psycopg.OperationalError as exc:
             if remote.closed or remote.broken:
                 self.remote.close()
                 raise RemoteUnavailable(one_line(exc)) from None
             raise
         finally:
-            self.remote_done()
+            self.guard.remote_end()
+        return copied
+
+    def _skip_late(self, sources: list[Source]) -> None:
+        names = ", ".join(s.query_source for s in sources)
+        error = f"Snapshot exceeded its {self.budget:.0f}s on the remote server: skipped {names}"
+        log.error("%s", error)
+        self.result.errors.append(error)
 
     def _abort_if_cancelled(self) -> None:
-        if self.cancelled():
+        if self.guard.cancelled():
             raise SnapshotAborted("snapshot cancelled: nothing of it is stored")
 
-    def _copy_one(self, powa: PowaExtension, remote_powa: PowaExtension, source: Source) -> None:
+    def _copy_one(self, powa: PowaExtension, remote_powa: PowaExtension, source: Source) -> bool:
+        """Copy one source under savepoints on both sides; False (recorded) if it failed."""
         self._abort_if_cancelled()
         if not source.query_source:
             log.warning("no query_source for %s, skipped", source.function_name)
-            return
+            return False
         remote = self.remote.conn
         assert remote is not None
         query = sql.SQL("COPY (SELECT {}, * FROM {}(0)) TO STDOUT").format(
@@ -264,10 +304,8 @@ class Snapshot:
         target = sql.SQL("COPY {} FROM STDIN").format(powa.name(source.query_source + "_tmp"))
         try:
             with self.repo.transaction(), remote.transaction():
+                self.guard.remote_statement()
                 rows = self._stream(query, target)
-                if source.query_cleanup:
-                    # SQL text stored by PoWA in powa_functions, run as-is by design
-                    remote.execute(source.query_cleanup)
         except psycopg.Error as exc:
             if remote.broken or self.repo.broken:
                 raise
@@ -275,8 +313,9 @@ class Snapshot:
             error = f"Error retrieving datasource data {source.module}: {one_line(exc)}"
             log.warning("%s", error)
             self.result.errors.append(error)
-            return
+            return False
         self.result.rows[source.module] = self.result.rows.get(source.module, 0) + rows
+        return True
 
     def _stream(self, query: sql.Composed, target: sql.Composed) -> int:
         remote = self.remote.conn
@@ -313,3 +352,35 @@ class Snapshot:
             self.result.failed = True
             raise psycopg.Rollback(data) from None
         self.result.take_snapshot_errors = int(row[0]) if row and row[0] is not None else 0
+
+    def _cleanup(self, powa: PowaExtension, copied: list[Source]) -> None:
+        """Each stored source's ``query_cleanup`` (e.g. ``pg_qualstats_reset()``), now.
+
+        Only once the snapshot is committed: a cleanup discards the remote's
+        data, and must not when that data did not reach the repository.
+        """
+        cleanups = [s.query_cleanup for s in copied if s.query_cleanup]
+        remote = self.remote.conn
+        if not cleanups or remote is None:
+            return
+        errors = []
+        self.guard.remote_begin(time.monotonic() + self.budget)
+        try:
+            for cleanup in cleanups:
+                self.guard.remote_statement()
+                try:
+                    # SQL text stored by PoWA in powa_functions, run as-is by design
+                    remote.execute(cleanup)
+                except psycopg.Error as exc:
+                    errors.append(f"Error while calling {cleanup}: {one_line(exc)}")
+                    if remote.broken or remote.closed:
+                        self.remote.close()
+                        break
+        finally:
+            self.guard.remote_end()
+        if errors:
+            for error in errors:
+                log.warning("%s", error)
+            self.result.errors += errors
+            record_errors(self.repo, powa, self.srvid, errors, replace=False)
+            self.repo.commit()

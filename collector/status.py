@@ -46,7 +46,8 @@ def heartbeat_channel(prefix: str) -> str:
 
 
 def commands_key(prefix: str, srvid: int) -> str:
-    return f"{prefix}:worker:{srvid}:commands"
+    # not under <prefix>:worker:*, where every key is a status document
+    return f"{prefix}:commands:{srvid}"
 
 
 def reply_key(prefix: str, token: str) -> str:

@@ -20,10 +20,6 @@ from collector.logs import one_line
 
 log = logging.getLogger(__name__)
 
-#: states supervisord reports (supervisor.states.ProcessStates names)
-RUNNING_STATES = frozenset({"RUNNING"})
-STOPPED_STATES = frozenset({"STOPPED", "EXITED", "FATAL"})
-
 # unix socket paths are limited to 108 bytes by the kernel
 MAX_SOCKET_PATH = 107
 
@@ -87,9 +83,16 @@ class Supervisor:
         sent = self._call("signalProcess", name, signame, tolerate=("NOT_RUNNING", "BAD_NAME"))
         return bool(sent)
 
-    def apply(self) -> ApplyReport:
-        """``supervisorctl update``: make the running programs match the configuration files."""
+    def apply(self, keep: str | None = None) -> ApplyReport:
+        """``supervisorctl update``: make the running programs match the configuration files.
+
+        ``keep`` names a program not to restart even if its settings changed (the
+        caller itself); it takes them at its next restart.
+        """
         added, changed, removed = self._call("reloadConfig")[0]
+        if keep in changed:
+            log.warning("%s: new settings, taken at its next restart", keep)
+            changed = [name for name in changed if name != keep]
         report = ApplyReport(sorted(added), sorted(changed), sorted(removed))
         for name in report.removed + report.changed:
             # already stopped or gone: nothing to stop

@@ -47,7 +47,7 @@ from collector.plugins import Dispatcher, NullDispatcher, load_dispatcher
 from collector.remote import RemoteSession
 from collector.repository import Server
 from collector.schedule import Backoff, Schedule
-from collector.snapshot import Snapshot, SnapshotAborted, SnapshotResult
+from collector.snapshot import Guard, Snapshot, SnapshotAborted, SnapshotResult
 from collector.status import (
     STATUS_NO_REMOTE,
     STATUS_NO_REPOSITORY,
@@ -63,20 +63,30 @@ log = logging.getLogger("collector.worker")
 
 #: FORCE_SNAPSHOT is refused when the last snapshot started less than this ago (upstream)
 FORCE_MIN_INTERVAL = 10.0
+#: the repository part of a snapshot gets this long (or ten periods) before it is cancelled:
+#: a big aggregation may take long, a repository that never answers must not stall a worker
+REPOSITORY_BUDGET = 600.0
+#: the remote's PostgreSQL and extension versions are read again this often (seconds)
+VERSIONS_EVERY = 3600.0
 #: the main loop wakes at least this often, even with nothing to do (signals,
 #: commands and a dying remote connection wake it at once anyway)
 MAX_SLEEP = 60.0
 
 
-class Watchdog(threading.Thread):
-    """Cancels the queries of a snapshot that overruns its deadline or must stop.
+class Watchdog(threading.Thread, Guard):
+    """Cancels the queries of a snapshot that overruns its deadlines or must stop.
 
     The remote part of a snapshot must end within one period, so that a hung
-    remote cannot stall the worker: past the deadline its query is cancelled,
-    and if the remote does not give up within ``ABORT_AFTER`` seconds (a
-    frozen backend does not), the connection's socket is shut down under it.
-    On stop, the snapshot gets ``grace`` seconds, then both sides are
-    cancelled; on a second stop signal, at once.
+    remote cannot stall the worker: past the deadline its statement is
+    cancelled, and if that same statement still runs ``ABORT_AFTER`` seconds
+    later (a frozen backend ignores cancels, and its kernel still answers TCP
+    keepalives), the connection's socket is shut down under it.  The
+    repository part gets a far longer deadline, handled the same way.  On
+    stop, the snapshot gets ``grace`` seconds, then both sides are cancelled;
+    on a second stop signal, at once.
+
+    It sleeps on a pipe of its own while nothing runs: the signal handlers
+    only write to that pipe (no lock is taken in a handler).
     """
 
     ABORT_AFTER = 5.0
@@ -92,46 +102,67 @@ class Watchdog(threading.Thread):
         self.cancelled_on_stop = False
         self._stop_seen = False
         self._lock = threading.Lock()
+        self._wakeup = Wakeup()
+        flags.listeners.append(self._wakeup.notify)
         self._remote: RemoteSession | None = None
+        self._remote_deadline = 0.0
+        self._remote_watched = False
+        self._statements = 0
+        #: when the remote was cancelled, and which statement ran then
+        self._remote_cancel: tuple[float, int] | None = None
         self._repo: psycopg.Connection[Any] | None = None
-        self._deadline = 0.0
-        self._remote_cancelled_at: float | None = None
-        self._repo_cancelled = False
-        self._closing = threading.Event()
-        # idle, the thread sleeps until a snapshot starts or a stop signal comes
-        self._wake = threading.Event()
-        flags.listeners.append(self._wake.set)
+        self._repo_deadline = 0.0
+        self._repo_cancel: float | None = None
+        self._closing = False
 
-    def arm(self, remote: RemoteSession, deadline: float) -> None:
-        """A snapshot starts: its remote part must end by ``deadline`` (monotonic)."""
+    # ---------------------------------------------------------------- the worker's side
+    def arm(self, remote: RemoteSession, repo_deadline: float) -> None:
+        """A snapshot starts; its repository part must end by ``repo_deadline``."""
         with self._lock:
-            self._remote, self._deadline = remote, deadline
-            self._remote_cancelled_at = None
-            self._repo, self._repo_cancelled = None, False
+            self._remote, self._remote_watched, self._remote_cancel = remote, False, None
+            self._repo, self._repo_deadline, self._repo_cancel = None, repo_deadline, None
             self.cancelled_on_stop = False
-        self._wake.set()
+        self._wakeup.notify()
 
-    def watch_repository(self, conn: psycopg.Connection[Any] | None) -> None:
+    def watch_repository(self, conn: psycopg.Connection[Any]) -> None:
         with self._lock:
             self._repo = conn
-
-    def remote_done(self) -> None:
-        """The remote part of the snapshot is over: its deadline no longer applies."""
-        with self._lock:
-            self._remote = None
 
     def disarm(self) -> None:
         with self._lock:
             self._remote = self._repo = None
+            self._remote_watched = False
 
+    def close(self) -> None:
+        self._closing = True
+        self._wakeup.notify()
+
+    # ---------------------------------------------------------------- the snapshot's side
+    def remote_begin(self, deadline: float) -> None:
+        with self._lock:
+            self._remote_deadline, self._remote_watched = deadline, True
+            self._remote_cancel = None
+
+    def remote_statement(self) -> None:
+        with self._lock:
+            self._statements += 1
+
+    def remote_end(self) -> None:
+        with self._lock:
+            self._remote_watched = False
+
+    def cancelled(self) -> bool:
+        return self.cancelled_on_stop or self.flags.stop_now
+
+    # ---------------------------------------------------------------- the thread
     def run(self) -> None:
-        while not self._closing.is_set():
+        while not self._closing:
             with self._lock:
                 busy = self._remote is not None or self._repo is not None
             # poll while a snapshot runs or a stop is under way; sleep otherwise
-            self._wake.wait(0.2 if busy or self.flags.stop else None)
-            self._wake.clear()
+            self._wakeup.wait(0.2 if busy or self.flags.stop else 3600)
             self.check(time.monotonic())
+        self._wakeup.close()
 
     def check(self, now: float) -> None:
         """Act on the running snapshot, each action once."""
@@ -143,48 +174,44 @@ class Watchdog(threading.Thread):
         stopping = flags.stop and (
             flags.stop_now or now - (flags.stop_requested_at or now) >= self.grace
         )
-        cancel_remote = abort_remote = cancel_repo = None
         with self._lock:
-            remote = self._remote
-            if remote is not None and self._remote_cancelled_at is None and (
-                stopping or now >= self._deadline
-            ):
-                cancel_remote, self._remote_cancelled_at = remote, now
-            elif remote is not None and self._remote_cancelled_at is not None and (
-                now - self._remote_cancelled_at >= self.ABORT_AFTER
-            ):
-                abort_remote, self._remote = remote, None
-            if stopping and self._repo is not None and not self._repo_cancelled:
-                cancel_repo, self._repo_cancelled = self._repo, True
-            if stopping and (cancel_remote or cancel_repo):
+            actions = self._remote_actions(now, stopping) + self._repo_actions(now, stopping)
+            if stopping and actions:
                 self.cancelled_on_stop = True
-        self._act(stopping, cancel_remote, abort_remote, cancel_repo)
+        for message, action in actions:
+            (log.warning if stopping else log.error)("%s", message)
+            action()
 
-    def _act(
-        self,
-        stopping: bool,
-        cancel_remote: RemoteSession | None,
-        abort_remote: RemoteSession | None,
-        cancel_repo: psycopg.Connection[Any] | None,
-    ) -> None:
-        if cancel_remote is not None:
-            if stopping:
-                log.warning("stopping: cancelling the snapshot in progress")
-            else:
-                log.error("snapshot overran its deadline on the remote server: cancelling it")
-            cancel_remote.cancel()
-        if abort_remote is not None:
-            log.error("the remote server ignores the cancel: dropping its connection")
-            abort_remote.abort()
-        if cancel_repo is not None and not cancel_repo.closed:
-            try:
-                cancel_repo.cancel_safe(timeout=2.0)
-            except psycopg.Error as exc:
-                log.debug("repository cancel failed: %s", exc)
+    def _remote_actions(self, now: float, stopping: bool) -> list[tuple[str, Callable[[], None]]]:
+        remote = self._remote
+        if remote is None or not self._remote_watched:
+            return []
+        if self._remote_cancel is None and (stopping or now >= self._remote_deadline):
+            self._remote_cancel = (now, self._statements)
+            why = "stopping" if stopping else "snapshot overran its deadline on the remote server"
+            return [(f"{why}: cancelling the remote statement", remote.cancel)]
+        if self._remote_cancel is not None:
+            cancelled_at, statement = self._remote_cancel
+            if now - cancelled_at >= self.ABORT_AFTER and statement == self._statements:
+                self._remote_watched = False
+                return [("the remote server ignores the cancel: dropping its connection",
+                         remote.abort)]
+        return []
 
-    def close(self) -> None:
-        self._closing.set()
-        self._wake.set()
+    def _repo_actions(self, now: float, stopping: bool) -> list[tuple[str, Callable[[], None]]]:
+        repo = self._repo
+        if repo is None:
+            return []
+        if self._repo_cancel is None and (stopping or now >= self._repo_deadline):
+            self._repo_cancel = now
+            why = "stopping" if stopping else "snapshot overran its deadline on the repository"
+            return [(f"{why}: cancelling the repository statement",
+                     lambda: repository.cancel(repo))]
+        if self._repo_cancel is not None and now - self._repo_cancel >= self.ABORT_AFTER:
+            self._repo = None
+            return [("the repository ignores the cancel: dropping its connection",
+                     lambda: repository.abort(repo))]
+        return []
 
 
 class Worker:
@@ -242,8 +269,7 @@ class Worker:
             self._start_threads()
             if not self._load_server():
                 return EXIT_OK
-            while not self.flags.stop:
-                self._cycle()
+            self._loop()
             self.publish()
             return EXIT_OK
         except (UnknownServerError, ServerDisabledError) as exc:
@@ -313,6 +339,10 @@ class Worker:
                 self.remote.refresh_versions()
             except psycopg.Error:
                 self.remote.close()
+        else:
+            # like upstream's reload: a worker that lost its remote retries at once
+            self.next_reconnect = now
+            self.reconnect.reset()
 
     def shutdown(self) -> None:
         """Tear everything down, each step on its own."""
@@ -334,6 +364,21 @@ class Worker:
             self.publisher.close(self.status_document(STATUS_STOPPED))
 
     # ------------------------------------------------------------------ main loop
+    def _loop(self) -> None:
+        """Cycle until stopped; a bad cycle is logged and never ends the process."""
+        backoff = Backoff(initial=1.0, maximum=60.0, rng=self.rng)
+        while not self.flags.stop:
+            try:
+                self._cycle()
+            except (UnknownServerError, ServerDisabledError):
+                raise
+            except Exception as exc:
+                log.exception("unexpected error in the worker's loop, going on")
+                self._error(f"internal error: {exc!r}")
+                self.wakeup.wait(backoff.next_delay())
+            else:
+                backoff.reset()
+
     def _cycle(self) -> None:
         assert self.schedule is not None and self.remote is not None
         now = time.monotonic()
@@ -409,19 +454,27 @@ class Worker:
             repository.report_failure(
                 self.cfg.repository.dsn, self.srvid, error, self.cfg.repository.connect_timeout
             )
-        except (RepositoryUnavailable, psycopg.Error) as exc:
-            self._repository_failed(logs.one_line(exc))
+        except RepositoryUnavailable as exc:
+            self._repository_failed(str(exc))
+            return
+        except psycopg.Error as exc:
+            log.warning("could not store the error in the repository: %s", logs.one_line(exc))
+            return
+        if self.repository_down:
+            self.repository_down = False
+            self.publish()
 
     def _repository_failed(self, error: str) -> None:
         self.repository_down = True
         self._error(error)
 
-    def _error(self, error: str) -> None:
+    def _error(self, error: str, publish: bool = True) -> None:
         error = logs.one_line(error)
         if error != self.last_error:
             log.error("%s", error)
         self.last_error, self.last_error_at = error, time.time()
-        self.publish()
+        if publish:
+            self.publish()
 
     # ------------------------------------------------------------------ snapshots
     def _snapshot(self, forced: bool) -> SnapshotResult | None:
@@ -445,42 +498,57 @@ class Worker:
 
     def _attempt(self, forced: bool) -> SnapshotResult | None:
         assert self.remote is not None and self.server is not None
-        if not self.remote.connected and not self._connect_remote():
+        # the loop just tried and is backing off: do not try twice in one cycle
+        ready = self.remote.connected or (
+            time.monotonic() >= self.next_reconnect and self._connect_remote()
+        )
+        if not ready or not self._versions_current():
             self._report(f"Error connecting to remote server {self.srvid}: {self.last_error}")
             return None
-        deadline = time.monotonic() + self.server.frequency
-        self.watchdog.arm(self.remote, deadline)
+        frequency = self.server.frequency
+        self.watchdog.arm(self.remote, time.monotonic() + max(10 * frequency, REPOSITORY_BUDGET))
         try:
             with repository.session(
                 self.cfg.repository.dsn, f"worker {self.srvid}",
                 self.cfg.repository.connect_timeout,
             ) as repo:
                 self.watchdog.watch_repository(repo)
-                result = Snapshot(
-                    repo, self.remote, self.srvid,
-                    remote_timeout_ms=self.server.frequency * 1000,
-                    cancelled=lambda: self.watchdog.cancelled_on_stop or self.flags.stop_now,
-                    remote_done=self.watchdog.remote_done,
-                    clear_stale=self.snapshots_ok == 0,
-                ).run()
+                snapshot = Snapshot(repo, self.remote, self.srvid, budget=frequency,
+                                    guard=self.watchdog, clear_stale=self.snapshots_ok == 0)
+                try:
+                    result = snapshot.run()
+                except psycopg.Error as exc:
+                    self._snapshot_error(exc, repository_lost=repo.broken)
+                    return None
         except RemoteUnavailable as exc:
             self._remote_failed(f"snapshot failed, remote server lost: {exc}", report=True)
             return None
         except RepositoryUnavailable as exc:
             self._repository_failed(f"snapshot failed: {exc}")
             return None
-        except (psycopg.Error, SnapshotAborted, ConcurrentSnapshotError) as exc:
-            self._snapshot_error(exc)
+        except (SnapshotAborted, ConcurrentSnapshotError) as exc:
+            self._snapshot_error(exc, repository_lost=False)
             return None
         self.repository_down = False
         return result
 
-    def _snapshot_error(self, exc: Exception) -> None:
+    def _versions_current(self) -> bool:
+        """Read the remote's versions again now and then (extensions get upgraded)."""
+        assert self.remote is not None
+        if time.monotonic() - self.remote.versions_read_at < VERSIONS_EVERY:
+            return True
+        try:
+            self.remote.refresh_versions()
+        except psycopg.Error as exc:
+            self._remote_failed(f"remote server lost: {logs.one_line(exc)}", report=False)
+            return False
+        return True
+
+    def _snapshot_error(self, exc: Exception, repository_lost: bool) -> None:
         reason = logs.one_line(exc)
         if self.flags.stop:
             self._error(f"snapshot cancelled and rolled back on stop: {reason}")
-        elif isinstance(exc, psycopg.OperationalError):
-            # the repository went away (or cancelled us) in the middle
+        elif repository_lost:
             self._repository_failed(f"snapshot failed and rolled back: {reason}")
         elif isinstance(exc, ConcurrentSnapshotError | SnapshotAborted):
             self._error(f"snapshot skipped: {reason}")
@@ -500,7 +568,7 @@ class Worker:
             if stored and not result.errors:
                 self.last_error = None
             for error in result.errors:
-                self._error(error)
+                self._error(error, publish=False)
         fields = _result_fields(result) if result is not None else {}
         if stored and result is not None:
             log.info(

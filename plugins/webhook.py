@@ -34,7 +34,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from email.message import Message
 from typing import IO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import simplejson as json
 
@@ -63,7 +63,8 @@ class Webhook(Plugin):
         self.threshold = self.setting("failure_threshold", 3, integer(1, 1_000_000))
         headers: dict[str, str] = self.setting("headers", {}, parse_headers)
         self.url, self.headers = _with_credentials(url, headers)
-        logs.REDACTOR.add(url, self.url, urlsplit(url).password, *self.headers.values())
+        password = urlsplit(url).password
+        logs.REDACTOR.add(url, self.url, password, unquote(password or ""), *self.headers.values())
         # shown in logs instead of the URL, whose path or query may hold a token
         self.where = _origin(self.url)
         self.timeout = self._worst_case()
@@ -183,7 +184,8 @@ def _with_credentials(url: str, headers: dict[str, str]) -> tuple[str, dict[str,
     bare = urlunsplit(parts._replace(netloc=host))
     if any(name.lower() == "authorization" for name in headers):
         return bare, headers
-    pair = f"{parts.username or ''}:{parts.password or ''}".encode()
+    # URLs carry them percent-encoded (p%40ss for p@ss); the header wants them as they are
+    pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode()
     return bare, {**headers, "Authorization": "Basic " + base64.b64encode(pair).decode()}
 
 

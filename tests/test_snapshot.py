@@ -109,8 +109,10 @@ def test_broken_source_is_recorded_and_the_others_are_stored(
     assert repo.errors(srvid) == []
 
 
-def add_slow_source(repo: Repo, remote: sandbox.Cluster, srvid: int, seconds: float) -> None:
-    """A last source that sleeps on the remote, after the real ones are copied."""
+def add_slow_source(
+    repo: Repo, remote: sandbox.Cluster, srvid: int, seconds: float, priority: int = 100
+) -> None:
+    """A source that sleeps on the remote; by default the last, after the real ones."""
     with remote.connect() as conn:
         conn.execute(
             "CREATE OR REPLACE FUNCTION slow_src(int) RETURNS TABLE(ts timestamptz, x int)"
@@ -125,8 +127,8 @@ def add_slow_source(repo: Repo, remote: sandbox.Cluster, srvid: int, seconds: fl
     )
     repo.execute(
         "INSERT INTO powa_functions (srvid, module, operation, function_name, query_source,"
-        " priority) VALUES (%s, 'slow', 'snapshot', 'slow_snapshot', 'slow_src', 100)",
-        (srvid,),
+        " priority) VALUES (%s, 'slow', 'snapshot', 'slow_snapshot', 'slow_src', %s)",
+        (srvid, priority),
     )
 
 
@@ -190,10 +192,18 @@ def test_concurrent_snapshots_of_one_server_never_overlap(
     assert repo.tmp_rows(srvid) == {}
 
 
+def qualstats(remote: sandbox.Cluster) -> int:
+    with remote.connect() as conn:
+        return int(conn.execute("SELECT count(*) FROM pg_qualstats()").fetchone()[0])  # type: ignore[index]
+
+
 def test_take_snapshot_failure_rolls_back_every_copied_row(
     fleet: Fleet, repo: Repo, remotes: list[sandbox.Cluster]
 ) -> None:
     srvid = repo.srvids[1]
+    sandbox.create_workload(remotes[1], 50)
+    quals = qualstats(remotes[1])
+    assert quals > 0
     # powa_take_snapshot cannot lock the metas row: upstream would commit the _tmp rows
     repo.execute(
         "CREATE FUNCTION fail_take(int) RETURNS void LANGUAGE plpgsql AS"
@@ -210,6 +220,33 @@ def test_take_snapshot_failure_rolls_back_every_copied_row(
     assert repo.tmp_rows(srvid) == {}
     assert any("broken repository function" in e for e in repo.errors(srvid))
     assert repo.snapshots(srvid) == 0
+    # nothing was stored, so pg_qualstats was not reset (upstream resets it anyway)
+    assert qualstats(remotes[1]) >= quals
+    repo.execute("DROP FUNCTION powa_take_snapshot(integer)")
+    repo.execute("ALTER FUNCTION real_take_snapshot(integer) RENAME TO powa_take_snapshot")
+    assert fleet.once(srvid).returncode == 0
+    assert qualstats(remotes[1]) == 0
+
+
+def test_a_snapshot_past_its_period_skips_the_remaining_sources(
+    fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
+) -> None:
+    remote = cluster_factory(workload=20)
+    srvid = repo.register(remote, alias="late", frequency=5)
+    # the first source sleeps past the 5 s budget of the remote part
+    add_slow_source(repo, remote, srvid, 8, priority=-10)
+    started = time.monotonic()
+    result = fleet.once(srvid)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 12
+    assert "exceeded its 5s on the remote server: skipped" in result.stdout
+    errors = repo.errors(srvid)
+    assert any("Error retrieving datasource data slow" in e for e in errors)
+    late = [e for e in errors if "exceeded its 5s on the remote server" in e]
+    assert len(late) == 1
+    assert "powa_statements_src" in late[0] and "powa_kcache_src" in late[0]
+    assert repo.snapshots(srvid) == 1
+    assert repo.tmp_rows(srvid) == {}
 
 
 @pytest.mark.parametrize("case, expected", [("unknown", 3), ("disabled", 4), ("repository", 3)])

@@ -23,7 +23,7 @@ def force(fleet: Fleet, srvid: int, timeout: float = 5) -> dict[str, str]:
     """Ask a worker for a snapshot the way the control process does."""
     reply = f"{fleet.prefix}:reply:test{time.monotonic_ns()}"
     with fleet.redis() as client:
-        client.rpush(f"{fleet.prefix}:worker:{srvid}:commands",
+        client.rpush(f"{fleet.prefix}:commands:{srvid}",
                      json.dumps({"command": "force_snapshot", "reply_to": reply}))
         answer = client.blpop([reply], timeout=timeout)
     assert answer is not None, "the worker did not answer"
