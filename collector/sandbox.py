@@ -49,10 +49,24 @@ SERVER_SETTINGS = {
 }
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on, and never one this process handed out before.
+
+    A port is only taken once its server starts, often long after it was
+    picked (the demo picks the web UI's port before starting its clusters), and
+    the kernel may give a just-closed port again: remembering what was handed
+    out keeps two servers of one run from being told the same port.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def _as_postgres(args: Sequence[str | os.PathLike[str]]) -> list[str]:
