@@ -32,6 +32,8 @@ import psycopg
 from psycopg import sql
 
 from collector import config, fleet, sandbox
+from collector.errors import SupervisorError
+from collector.supervisord import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = ROOT / "demo"
@@ -155,7 +157,9 @@ redirect_stderr = true
         signal.signal(signal.SIGINT, ask_stop)
         signal.signal(signal.SIGTERM, ask_stop)
         try:
-            sandbox.wait_for_port("127.0.0.1", self.http_port, timeout=30)
+            if not self._wait_until_up(supervisord, 30):
+                say(f"supervisord did not start: see {self.dir / 'logs' / 'supervisord.out'}")
+                return 1
             self._instructions()
             deadline = time.monotonic() + seconds if seconds else None
             while not stop["asked"] and supervisord.poll() is None:
@@ -169,6 +173,18 @@ redirect_stderr = true
                 cluster.stop()
             say("demo stopped: nothing of it is running (make demo-clean removes demo/)")
         return 0
+
+    def _wait_until_up(self, supervisord: subprocess.Popen[bytes], timeout: float) -> bool:
+        """True once this demo's supervisord answers on its socket and its web UI port."""
+        socket_path = config.load(self.cfg_path).supervisor_socket
+        deadline = time.monotonic() + timeout
+        while supervisord.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(SupervisorError):
+                if Supervisor(socket_path, timeout=2).state() == "RUNNING":
+                    sandbox.wait_for_port("127.0.0.1", self.http_port, timeout=5)
+                    return True
+            time.sleep(0.1)
+        return False
 
     def _instructions(self) -> None:
         repository = self.clusters[0]

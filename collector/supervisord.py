@@ -7,6 +7,7 @@ restart changed ones, leaving every other program untouched.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import xmlrpc.client
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ class Supervisor:
             if any(code in fault.faultString for code in tolerate):
                 return None
             raise SupervisorError(f"supervisord refused {method}: {fault.faultString}") from None
-        except (OSError, xmlrpc.client.ProtocolError) as exc:
+        except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
             raise SupervisorError(
                 f"cannot reach supervisord at {self.socket_path}: {one_line(exc)}"
             ) from None
