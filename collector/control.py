@@ -205,6 +205,10 @@ class Control:
     # ------------------------------------------------------------------ requests
     def handle(self, payload: str, pid: int) -> None:
         """Serve one notification; nothing a request holds can stop the loop."""
+        assert self.conn is not None
+        if pid == self.conn.info.backend_pid:
+            # our own NOTIFY: never a request, whatever it says
+            return
         request = protocol.parse(payload, pid)
         problem = protocol.channel_problem(request.channel)
         if problem:

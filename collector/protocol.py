@@ -59,6 +59,9 @@ def channel_problem(channel: str) -> str | None:
     """
     if channel == NO_ANSWER:
         return None
+    if channel == CHANNEL:
+        # the answer would come back to the control as a request of its own
+        return f"response channel is {CHANNEL} itself"
     if "\0" in channel:
         return "response channel contains a NUL byte"
     if len(channel.encode("utf-8")) > MAX_CHANNEL:

@@ -272,3 +272,22 @@ def test_live_board_follows_the_fleet_without_polling(
     finally:
         live.close()
         direct.close()
+
+
+def test_the_control_never_serves_its_own_answers(repo: Repo, running: Supervisord) -> None:
+    """An answer on ``powa_collector`` itself would come back with the control's own pid.
+
+    Parsed as a request, ``RELOAD ERROR Permission denied`` is a RELOAD from a
+    privileged backend answering on channel ``ERROR``: a role without the right
+    could have the fleet reloaded, or read its status, that way.
+    """
+    repo.execute("CREATE ROLE outsider LOGIN")
+    with psycopg.connect(repo.cluster.dsn(user="outsider"), autocommit=True) as conn:
+        conn.execute('LISTEN "ERROR"')
+        conn.execute("LISTEN powa_collector")
+        conn.execute("NOTIFY powa_collector, 'WORKERS_STATUS powa_collector'")
+        seen = [(n.channel, n.payload) for n in conn.notifies(timeout=3)]
+    assert ("powa_collector", "WORKERS_STATUS powa_collector") in seen
+    # refused without an answer: nothing on powa_collector, nothing on ERROR
+    assert [s for s in seen if s != ("powa_collector", "WORKERS_STATUS powa_collector")] == []
+    assert answered(repo)
