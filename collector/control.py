@@ -57,6 +57,8 @@ log = logging.getLogger("collector.control")
 WORKER_REPLY_TIMEOUT = 1.0
 #: the repository connection is checked this often when no notification comes
 HEALTH_CHECK = 10.0
+#: supervisord states with a worker process that read its row already
+ALIVE = ("STARTING", "RUNNING")
 
 _PERMISSION_14 = sql.SQL(
     "SELECT pg_catalog.pg_has_role(a.usesysid, 'pg_signal_backend', 'USAGE')"
@@ -120,14 +122,16 @@ class Control:
 
     def _serve(self) -> None:
         assert self.conn is not None
+        # requests that came in while our own statements ran (a SIGHUP reload, the
+        # LISTEN of a new connection, the health check) are already off the socket
+        self._drain()
         ready = self.wakeup.wait(HEALTH_CHECK, [self.conn.fileno()])
         if self.flags.stop:
             return
-        if ready:
-            self._drain()
-        elif time.monotonic() - self.last_check >= HEALTH_CHECK:
+        if not ready and time.monotonic() - self.last_check >= HEALTH_CHECK:
             self.conn.execute("SELECT 1")
             self.last_check = time.monotonic()
+        self._drain()
 
     def _drain(self) -> None:
         """Serve every notification received, including those that arrived while answering.
@@ -149,14 +153,11 @@ class Control:
     def _connect(self) -> bool:
         conn = None
         try:
-            conn = psycopg.connect(
-                self.cfg.repository.dsn,
-                autocommit=True,
-                application_name="powa-fleet control",
-                connect_timeout=self.cfg.repository.connect_timeout,
-                client_encoding="UTF8",
-                **repository.KEEPALIVES,
-            )
+            # upstream's lock_timeout too: a lock held on powa_servers fails a
+            # reload instead of freezing the protocol
+            conn = repository.connect(self.cfg.repository.dsn, "control",
+                                      self.cfg.repository.connect_timeout)
+            conn.autocommit = True
             self.powa = repository.require_powa(conn)
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(protocol.CHANNEL)))
             servers = self._servers(conn) if not self.fingerprints else None
@@ -165,7 +166,7 @@ class Control:
                 conn.close()
             if self.lost_at is None:
                 self.lost_at = time.monotonic()
-            log.error("cannot listen on the repository: %s", logs.one_line(exc))
+            log.error("not listening on %s: %s", protocol.CHANNEL, logs.one_line(exc))
             return False
         self.conn = conn
         if servers is not None:
@@ -255,7 +256,8 @@ class Control:
         if self.conn.info.server_version >= 140000:
             row = self.conn.execute(_PERMISSION_14, (pid,)).fetchone()
         else:
-            table = sql.Literal(f"{self.powa.schema}.powa_statements")
+            # the quoted name as text: has_table_privilege parses it like SQL would
+            table = sql.Literal(self.powa.name("powa_statements").as_string(self.conn))
             row = self.conn.execute(_PERMISSION_OLD.format(table), (pid,)).fetchone()
         # no row: the sender is gone, deny
         return bool(row and row[0] is True)
@@ -345,10 +347,8 @@ class Control:
         assert conn is not None and self.powa is not None
         return repository.list_servers(conn, self.powa)
 
-    def _remember(self, servers: list[Server]) -> dict[int, str]:
-        previous = self.fingerprints
+    def _remember(self, servers: list[Server]) -> None:
         self.fingerprints = {s.srvid: s.fingerprint() for s in servers}
-        return previous
 
     def reload(self) -> None:
         """Regenerate, apply to supervisord, tell changed workers to re-read their row."""
@@ -358,15 +358,30 @@ class Control:
         supervisor = Supervisor(self.cfg.supervisor_socket)
         # restarting itself from inside a request would kill this very request
         applied = supervisor.apply(keep="control")
-        previous = self._remember(servers)
-        changed = {s for s, fp in self.fingerprints.items() if s in previous and previous[s] != fp}
+        current = {s.srvid: s.fingerprint() for s in servers}
+        changed = {s for s, fp in current.items()
+                   if s in self.fingerprints and self.fingerprints[s] != fp}
         # only a worker that published its status has its SIGHUP handler in place (a
         # starting one would die of it); it re-reads its row when changed, and retries
         # its connections at once when it had lost them, as upstream's reload does
-        listening = [view for view in self.board.views() if _published(view)]
+        views = self.board.views()
+        listening = [view for view in views if _published(view)]
         lost = (STATUS_NO_REMOTE, STATUS_NO_REPOSITORY)
         wanted = [view.srvid for view in listening if view.srvid in changed or view.status in lost]
-        signalled = [s for s in wanted if supervisor.signal(fleet.program_name(s), "HUP")]
+        # a worker not running reads its row when it starts: nothing to tell it
+        reached = [view.srvid for view in views
+                   if view.srvid in changed and view.program_state not in ALIVE]
+        signalled: list[int] = []
+        try:
+            for srvid in wanted:
+                if supervisor.signal(fleet.program_name(srvid), "HUP"):
+                    signalled.append(srvid)
+        finally:
+            self.fingerprints = told(self.fingerprints, current, reached + signalled)
+        unreached = len(changed - set(reached) - set(signalled))
+        if unreached:
+            log.warning("%d worker(s) with a changed row could not be told now (not running,"
+                        " or no status in Redis): the next reload tells them", unreached)
         log.info(
             "reload done in %.2fs: %d new, %d removed, %d started, %d stopped, %d re-read",
             time.monotonic() - started, len(report.added), len(report.removed),
@@ -378,6 +393,22 @@ class Control:
             self.reload()
         except (FleetError, SupervisorError, psycopg.Error) as exc:
             log.error("%s reload failed: %s", why, logs.one_line(exc))
+
+
+def told(previous: dict[int, str], current: dict[int, str],
+         reached: list[int]) -> dict[int, str]:
+    """The rows each worker is known to run with, once a reload ``reached`` these workers.
+
+    A changed row counts as known only once its worker got the SIGHUP (or
+    was not running, and reads it when it starts): one that could not be
+    told keeps its old fingerprint, so the next reload sees the change again
+    instead of forgetting it.
+    """
+    return {
+        srvid: previous[srvid]
+        if srvid in previous and previous[srvid] != fp and srvid not in reached else fp
+        for srvid, fp in current.items()
+    }
 
 
 def _published(view: WorkerView) -> bool:
