@@ -30,6 +30,7 @@ never reached the repository is thrown away).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -200,6 +201,7 @@ class Snapshot:
         sources = _sources(repo, powa, srvid)
         mark = self._phase("prepare", started)
         copied: list[Source] = []
+        versions_saved = False
         if self._compatible(powa):
             if not sources:
                 log.info("no snapshot source enabled for server %d", srvid)
@@ -216,17 +218,38 @@ class Snapshot:
             if self.result.errors:
                 # after a failed powa_take_snapshot the old errors are still there
                 record_errors(repo, powa, srvid, self.result.errors, replace=self.result.failed)
-            if self.remote.versions_pending:
-                save_versions(repo, powa, srvid, server_version=self.remote.server_version,
-                              extensions=self.remote.extensions, hypopg=self.remote.hypopg)
+            versions_saved = self._save_versions(powa)
         repo.commit()
-        self.remote.versions_pending = False
+        if versions_saved:
+            self.remote.versions_pending = False
         self.result.committed = True
         if not self.result.failed:
             self._cleanup(powa, copied)
         self._phase("commit", mark)
         self.result.duration = time.perf_counter() - started
         return self.result
+
+    def _save_versions(self, powa: PowaExtension) -> bool:
+        """Store the remote's versions if they are new; True once they are stored.
+
+        In a savepoint of its own: a lock held on those rows (an ALTER
+        EXTENSION, an operator's open transaction) postpones the versions to
+        the next snapshot, and never costs this one.
+        """
+        remote = self.remote
+        if not remote.versions_pending:
+            return False
+        try:
+            with self.repo.transaction():
+                save_versions(self.repo, powa, self.srvid, server_version=remote.server_version,
+                              extensions=remote.extensions, hypopg=remote.hypopg)
+        except psycopg.Error as exc:
+            if self.repo.broken:
+                raise
+            log.warning("server %d: versions not saved, next snapshot tries again: %s",
+                        self.srvid, one_line(exc))
+            return False
+        return True
 
     def _compatible(self, powa: PowaExtension) -> bool:
         """Same PoWA major.minor on both sides, else record why and copy nothing."""
@@ -382,5 +405,12 @@ class Snapshot:
             for error in errors:
                 log.warning("%s", error)
             self.result.errors += errors
-            record_errors(self.repo, powa, self.srvid, errors, replace=False)
-            self.repo.commit()
+            try:
+                record_errors(self.repo, powa, self.srvid, errors, replace=False)
+                self.repo.commit()
+            except psycopg.Error as exc:
+                # the snapshot is stored already: this must not report it as failed
+                log.warning("server %d: cleanup errors not recorded in the repository: %s",
+                            self.srvid, one_line(exc))
+                with contextlib.suppress(psycopg.Error):
+                    self.repo.rollback()

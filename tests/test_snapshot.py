@@ -300,3 +300,24 @@ def test_sigterm_during_snapshot_rolls_back_and_exits_in_time(
     assert repo.tmp_rows(srvid) == {}
     assert repo.snapshots(srvid) == 0
     assert fleet.status(srvid)["status"] == "stopped"  # type: ignore[index]
+
+
+def test_a_locked_server_row_postpones_the_versions_not_the_snapshot(
+    fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
+) -> None:
+    remote = cluster_factory(workload=20)
+    srvid = repo.register(remote, alias="versions")
+    repo.execute("UPDATE powa_servers SET version = 'old' WHERE id = %s", (srvid,))
+    # an open transaction holds the row the versions go to, as an UPDATE of it would
+    with repo.connect() as holder, holder.transaction():
+        holder.execute("SELECT 1 FROM powa_servers WHERE id = %s FOR NO KEY UPDATE", (srvid,))
+        result = fleet.run("-m", "collector.worker", "-c", str(fleet.cfg_path), "--srvid",
+                           str(srvid), "--once", "--verbose")
+    assert result.returncode == 0, result.stderr
+    assert "versions not saved, next snapshot tries again" in result.stdout + result.stderr
+    assert repo.snapshots(srvid) == 1
+    assert repo.tmp_rows(srvid) == {}
+    assert repo.one("SELECT version FROM powa_servers WHERE id = %s", (srvid,)) == "old"
+    assert fleet.once(srvid).returncode == 0
+    assert repo.snapshots(srvid) == 2
+    assert repo.one("SELECT version FROM powa_servers WHERE id = %s", (srvid,)).startswith("15.")
