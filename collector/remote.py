@@ -134,12 +134,17 @@ class RemoteSession:
             return False
         return True
 
+    # the two below run in the watchdog thread while the worker may close the
+    # connection: self.conn is read once
+
     def abort(self) -> None:
         """Shut the connection down under a statement blocked on a frozen server."""
-        if self.conn is not None:
-            repository.abort(self.conn)
+        conn = self.conn
+        if conn is not None:
+            repository.abort(conn)
 
     def cancel(self) -> None:
         """Cancel the statement running on the remote (from another thread)."""
-        if self.conn is not None:
-            repository.cancel(self.conn)
+        conn = self.conn
+        if conn is not None:
+            repository.cancel(conn)

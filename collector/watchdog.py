@@ -111,7 +111,11 @@ class Watchdog(threading.Thread, Guard):
                 busy = self._remote is not None or self._repo is not None
             # poll while a snapshot runs or a stop is under way; sleep otherwise
             self._wakeup.wait(0.2 if busy or self.flags.stop else 3600)
-            self.check(time.monotonic())
+            try:
+                self.check(time.monotonic())
+            except Exception:
+                # a dead watchdog would leave every later snapshot without deadlines
+                log.exception("watchdog check failed; watching on")
         self._wakeup.close()
 
     def check(self, now: float) -> None:
