@@ -307,7 +307,13 @@ def generate(cfg: Config, srvids: Iterable[int], python: str = sys.executable) -
                 if srvid not in existing:
                     report.added.append(srvid)
                     if cfg.collector.auto_enable:
-                        _symlink(cfg, srvid)
+                        try:
+                            _symlink(cfg, srvid)
+                        except OSError:
+                            # else the next run would take it for one an operator disabled
+                            with contextlib.suppress(OSError):
+                                path.unlink()
+                            raise
                         report.enabled.append(srvid)
                 elif not enabled_link(cfg, srvid).is_symlink():
                     report.kept_disabled.append(srvid)

@@ -71,6 +71,8 @@ def apply(cfg: config.Config, required: bool) -> int:
 def run(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     logs.REDACTOR.add(*cfg.secrets())
+    # what the library modules log goes through the redactor too
+    logs.setup("create_supervisord_config", "warning")
     toggle = args.enable if args.enable is not None else args.disable
     if toggle is not None:
         changed = fleet.set_enabled(cfg, toggle, enable=args.enable is not None)
