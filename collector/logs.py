@@ -14,6 +14,8 @@ import logging
 import re
 import sys
 import threading
+from collections.abc import Mapping
+from typing import Any
 
 MASK = "********"
 
@@ -24,23 +26,53 @@ _URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^:/@\s]*:)([^@\s]*)(@)", r
 
 
 class Redactor:
-    """Replaces known secrets, and anything shaped like a password, with a mask."""
+    """Replaces known secrets, and anything shaped like a password, with a mask.
+
+    A secret shorter than ``SHORT`` characters (a weak password, a webhook
+    header such as ``X-Api-Version: 2``) is masked only where it stands alone:
+    masked inside every longer word or number, it would turn log lines into
+    noise (each ``2`` of a timestamp) while hiding nothing a guess would not find.
+    """
+
+    SHORT = 6
 
     def __init__(self) -> None:
         self._secrets: frozenset[str] = frozenset()
+        self._short: re.Pattern[str] | None = None
         self._lock = threading.Lock()
 
     def add(self, *secrets: str | None) -> None:
         with self._lock:
             self._secrets = self._secrets | {s for s in secrets if s}
+            short = sorted((s for s in self._secrets if len(s) < self.SHORT), key=len,
+                           reverse=True)
+            self._short = re.compile(
+                "(?<![0-9A-Za-z])(?:" + "|".join(map(re.escape, short)) + ")(?![0-9A-Za-z])"
+            ) if short else None
 
     def redact(self, text: str) -> str:
         # longest first, so that a secret containing another is masked whole
         for secret in sorted(self._secrets, key=len, reverse=True):
-            if secret in text:
+            if len(secret) >= self.SHORT and secret in text:
                 text = text.replace(secret, MASK)
+        if self._short is not None:
+            text = self._short.sub(MASK, text)
         text = _CONNINFO_PASSWORD.sub(lambda m: m.group(1) + MASK, text)
         return _URL_PASSWORD.sub(lambda m: m.group(1) + MASK + m.group(3), text)
+
+    def redact_strings(self, value: Any) -> Any:
+        """``value`` (a JSON-like document) with every string in it redacted.
+
+        Redacting the JSON text instead could mask part of a number or eat a
+        closing quote, and leave a document nobody can read.
+        """
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, Mapping):
+            return {key: self.redact_strings(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.redact_strings(item) for item in value]
+        return value
 
 
 #: the process-wide redactor; every log line and every status text goes through it

@@ -66,8 +66,8 @@ def client(url: str, socket_timeout: float = 2.0) -> redis.Redis:
 
 
 def dumps(document: Mapping[str, Any]) -> str:
-    """JSON text of a status document, passed through the redactor as a last guard."""
-    return REDACTOR.redact(json.dumps(document, sort_keys=True, ensure_ascii=False))
+    """JSON text of a status document, its strings passed through the redactor as a last guard."""
+    return str(json.dumps(REDACTOR.redact_strings(document), sort_keys=True, ensure_ascii=False))
 
 
 class StatusPublisher(threading.Thread):

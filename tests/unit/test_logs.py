@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 
 import pytest
+import simplejson as json
 
-from collector import logs
+from collector import logs, status
 
 
 def test_known_secrets_and_password_shapes_are_masked() -> None:
@@ -38,3 +39,23 @@ def test_formatter_masks_tracebacks(capsys: pytest.CaptureFixture[str]) -> None:
     assert "trace-secret" not in err
     # the message, the exception and the source line of the traceback
     assert err.count(logs.MASK) == 3
+
+
+def test_short_secrets_are_masked_where_they_stand_alone() -> None:
+    redactor = logs.Redactor()
+    redactor.add("1234", "2")
+    assert redactor.redact("password was 1234.") == f"password was {logs.MASK}."
+    assert redactor.redact("auth 2 failed") == f"auth {logs.MASK} failed"
+    # not inside other words and numbers: the log line stays readable
+    assert redactor.redact("pid 41234 at 2026-11-24") == "pid 41234 at 2026-11-24"
+
+
+def test_status_documents_stay_valid_json_whatever_the_secrets() -> None:
+    logs.REDACTOR.add("1234", "doc-secret-value")
+    document = {"pid": 41234, "alias": "db password=x, more", "last_error": "doc-secret-value",
+                "timings": [1234, "1234"]}
+    parsed = json.loads(status.dumps(document))
+    assert parsed["pid"] == 41234
+    assert parsed["last_error"] == logs.MASK
+    assert parsed["alias"] == f"db password={logs.MASK} more"
+    assert parsed["timings"] == [1234, logs.MASK]
