@@ -265,14 +265,15 @@ class _Reader:
 
     def _redis_url(self) -> str:
         url = self._get("redis", "url") or DEFAULT_REDIS_URL
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            # e.g. an unclosed [ of an IPv6 host; the message may quote the password
+            self.problem("redis", "url", "not a valid URL (host or port)")
+            return url
         if parts.scheme not in ("redis", "rediss", "unix"):
             self.problem("redis", "url", "expected a redis://, rediss:// or unix:// URL")
-        else:
-            try:
-                parts.port  # noqa: B018 - raises on a bad port
-            except ValueError:
-                self.problem("redis", "url", "invalid port")
         return url
 
     def _prefix(self) -> str:

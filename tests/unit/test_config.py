@@ -86,6 +86,8 @@ def test_every_problem_is_reported_with_file_section_and_key(tmp_path: Path) -> 
     (GOOD.replace("dsn = postgresql://powa@127.0.0.1:5432/powa", "dsn = host=x bogus=1"),
      "[repository] dsn: not a valid"),
     (GOOD.replace("redis://127.0.0.1:6379/0", "http://x"), "[redis] url"),
+    (GOOD.replace("redis://127.0.0.1:6379/0", "redis://:pw@[::1/0"), "[redis] url: not a valid"),
+    (GOOD.replace("redis://127.0.0.1:6379/0", "redis://h:99999/0"), "[redis] url: not a valid"),
     (GOOD.replace("http = 127.0.0.1:9001", "http = 0.0.0.0:9001").replace(
         "password = change-me", "password ="), "[supervisor] http: 0.0.0.0:9001 is not a loopback"),
     (GOOD.replace("http = 127.0.0.1:9001", "http = :9001").replace(
