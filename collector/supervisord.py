@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import http.client
 import logging
+import socket
+import time
 import xmlrpc.client
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from supervisor.xmlrpc import SupervisorTransport
+from supervisor.states import STOPPED_STATES
 
 from collector.errors import SupervisorError
 from collector.logs import one_line
@@ -23,6 +25,8 @@ log = logging.getLogger(__name__)
 
 # unix socket paths are limited to 108 bytes by the kernel
 MAX_SOCKET_PATH = 107
+#: longest wait for stopped programs: above the largest stopwaitsecs (stop_grace 600 + margin)
+STOP_WAIT = 660.0
 
 
 @dataclass
@@ -39,6 +43,46 @@ class ApplyReport:
         )
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over the fleet's unix socket, every read and write bounded by ``timeout``."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class _UnixTransport(xmlrpc.client.Transport):
+    """The standard transport (it drops a connection that failed) over a unix socket.
+
+    supervisor's own SupervisorTransport ignores any timeout, so a hung
+    supervisord would freeze its caller for good, and it keeps a connection
+    that failed half-way, so every later call fails too.
+    """
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__()
+        self.path = path
+        self.timeout = timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        host_, cached = self._connection
+        if cached is not None and host_ == host:
+            return cached
+        connection = _UnixConnection(self.path, self.timeout)
+        self._connection = host, connection
+        return connection
+
+
 class Supervisor:
     """A client of one supervisord, through the unix socket of the fleet."""
 
@@ -49,9 +93,9 @@ class Supervisor:
                 " use a shorter fleet directory"
             )
         self.socket_path = socket_path
-        transport = SupervisorTransport(None, None, f"unix://{socket_path}")
-        transport.timeout = timeout
-        self.proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+        self.proxy = xmlrpc.client.ServerProxy(
+            "http://127.0.0.1", transport=_UnixTransport(socket_path, timeout)
+        )
 
     def _call(self, method: str, *args: Any, tolerate: tuple[str, ...] = ()) -> Any:
         """Call ``supervisor.<method>``; None for a fault whose code is in ``tolerate``."""
@@ -84,6 +128,30 @@ class Supervisor:
         sent = self._call("signalProcess", name, signame, tolerate=("NOT_RUNNING", "BAD_NAME"))
         return bool(sent)
 
+    def _stop_groups(self, names: list[str]) -> None:
+        """Stop these groups all at once and wait until none of their processes runs.
+
+        One at a time, each stop would wait for its worker's snapshot to end:
+        a reload that changes every program would take minutes.  supervisord
+        kills what outlives its ``stopwaitsecs``; ``STOP_WAIT`` bounds the wait.
+        """
+        if not names:
+            return
+        for name in names:
+            # already stopped or gone: nothing to stop
+            self._call("stopProcessGroup", name, False, tolerate=("NOT_RUNNING", "BAD_NAME"))
+        groups = set(names)
+        deadline = time.monotonic() + STOP_WAIT
+        while True:
+            running = sorted(info["name"] for info in self.all_processes().values()
+                             if info["group"] in groups and info["state"] not in STOPPED_STATES)
+            if not running:
+                return
+            if time.monotonic() > deadline:
+                raise SupervisorError(f"still running after {STOP_WAIT:.0f}s: "
+                                      f"{', '.join(running[:10])}")
+            time.sleep(0.1)
+
     def apply(self, keep: str | None = None) -> ApplyReport:
         """``supervisorctl update``: make the running programs match the configuration files.
 
@@ -95,9 +163,8 @@ class Supervisor:
             log.warning("%s: new settings, taken at its next restart", keep)
             changed = [name for name in changed if name != keep]
         report = ApplyReport(sorted(added), sorted(changed), sorted(removed))
+        self._stop_groups(report.removed + report.changed)
         for name in report.removed + report.changed:
-            # already stopped or gone: nothing to stop
-            self._call("stopProcessGroup", name, tolerate=("NOT_RUNNING", "BAD_NAME"))
             self._call("removeProcessGroup", name)
         for name in report.changed + report.added:
             self._call("addProcessGroup", name)
