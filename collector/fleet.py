@@ -199,7 +199,7 @@ def render_supervisord(cfg: Config, python: str, workers: int) -> str:
         "[eventlistener:programs]",
         "command = " + _command(python, "-m", "collector.programs", "-c", str(cfg.path)),
         f"directory = {_value(str(d))}",
-        "events = PROCESS_STATE,TICK_5",
+        "events = PROCESS_STATE,PROCESS_GROUP,TICK_5",
         # every program's start and stop is an event: room for a whole fleet's
         f"buffer_size = {_round_up(4 * (workers + 10), 256)}",
         "autostart = true",

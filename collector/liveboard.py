@@ -198,7 +198,10 @@ class LiveBoard(threading.Thread):
             self._programs_seen = time.monotonic()
             name = message.pop("name", None)
             if isinstance(name, str):
-                self._programs[name] = message
+                if message.get("removed"):
+                    self._programs.pop(name, None)
+                else:
+                    self._programs[name] = message
                 self._version += 1
 
     def close(self) -> None:

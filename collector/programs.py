@@ -2,16 +2,22 @@
 
     python -m collector.programs -c CFG      (run by supervisord as [eventlistener:programs])
 
-supervisord tells it each PROCESS_STATE change (and a TICK_5 every five
-seconds); it keeps ``<prefix>:programs``, a hash ``program name -> {"state",
-"pid", "since"}``, and publishes each change on the channel of the same name.
+supervisord tells it each PROCESS_STATE change, each group removed by an
+update (PROCESS_GROUP) and a TICK_5 every five seconds; it keeps
+``<prefix>:programs``, a hash ``program name -> {"state", "pid", "since"}``,
+and publishes each change on the channel of the same name (``{"name": ...,
+"removed": true}`` for a program supervisord no longer has).  Every minute,
+and after Redis comes back, the table is read again from supervisord: an
+event lost on the way (a full buffer) is never wrong for long.
 The control process follows that channel, so it can answer WORKERS_STATUS for
 a whole fleet without polling supervisord.  ``<prefix>:programs:alive`` is
 refreshed on every tick: when it expires, readers fall back to asking
 supervisord themselves.
 
 Redis being away never blocks supervisord: every event is acknowledged at
-once, the latest state of each program is kept, and written when Redis is back.
+once, the latest state of each program is kept, and written when Redis is back
+(tried on each tick, not on each event: a hung Redis costs its timeout once
+per tick, not once per event of a fleet starting).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ log = logging.getLogger("collector.programs")
 
 #: a reader considers the table current while this key lives
 ALIVE_TTL = 20
+#: the table is read again from supervisord every this many ticks (of 5 s)
+RESYNC_TICKS = 12
 
 
 def programs_key(prefix: str) -> str:
@@ -74,17 +82,23 @@ class Table:
         self.alive = alive_key(cfg.redis.prefix)
         self.states: dict[str, dict[str, Any]] = {}
         self.changed: set[str] = set()
+        self.removed: set[str] = set()
         #: the hash in Redis may miss changes: write it whole at the next flush
         self.rewrite = True
         self.seeded = False
         self.failing = False
+        self.ticks = 0
 
     def seed(self) -> None:
-        """The whole table from supervisord (at start, until it answers once)."""
+        """The whole table from supervisord: at start, every minute, after a Redis outage.
+
+        supervisord's answer is newer than every event received so far (events
+        still queued for this listener come after it, in order).
+        """
         try:
             processes = Supervisor(self.cfg.supervisor_socket, timeout=30).all_processes()
         except SupervisorError as exc:
-            log.warning("cannot read the process table yet: %s", exc)
+            log.warning("cannot read the process table: %s", exc)
             return
         now = round(time.time(), 3)
         seeded = {
@@ -92,16 +106,21 @@ class Table:
                    "since": float(info.get("start") or now)}
             for name, info in processes.items()
         }
-        # events received meanwhile are newer than the table
-        self.states = {**seeded, **self.states}
-        self.seeded, self.rewrite = True, True
+        self.removed |= set(self.states) - set(seeded)
+        self.changed |= {name for name, state in seeded.items()
+                         if self.states.get(name, {}).get("state") != state["state"]
+                         or self.states[name].get("pid") != state["pid"]}
+        self.states = seeded
+        self.seeded = True
         self.flush()
 
     def tick(self) -> None:
         """Every five seconds: readers learn the table is kept current."""
-        if not self.seeded:
+        self.ticks += 1
+        if not self.seeded or self.ticks % RESYNC_TICKS == 0:
             self.seed()
-        self.flush()
+        else:
+            self.flush()
         if not self.failing:
             try:
                 self.redis.publish(self.key, json.dumps({"tick": round(time.time(), 3)}))
@@ -111,7 +130,17 @@ class Table:
     def update(self, name: str, state: dict[str, Any]) -> None:
         self.states[name] = state
         self.changed.add(name)
-        self.flush()
+        self.removed.discard(name)
+        if not self.failing:
+            self.flush()
+
+    def remove(self, name: str) -> None:
+        """A group supervisord no longer has (removed by an update)."""
+        if self.states.pop(name, None) is not None:
+            self.changed.discard(name)
+            self.removed.add(name)
+            if not self.failing:
+                self.flush()
 
     def flush(self) -> None:
         """Write what changed (everything after a failure); on failure, keep it for later."""
@@ -120,6 +149,9 @@ class Table:
             with self.redis.pipeline(transaction=True) as pipe:
                 if self.rewrite:
                     pipe.delete(self.key)
+                for name in sorted(self.removed):
+                    pipe.hdel(self.key, name)
+                    pipe.publish(self.key, json.dumps({"name": name, "removed": True}))
                 for name in names:
                     state = self.states[name]
                     pipe.hset(self.key, name, json.dumps(state))
@@ -137,7 +169,10 @@ class Table:
         if self.failing:
             log.info("writing program states to Redis again")
             self.failing = False
+            # events may have been lost meanwhile: ask supervisord at the next tick
+            self.seeded = False
         self.changed.clear()
+        self.removed.clear()
         self.rewrite = False
 
 
@@ -152,9 +187,12 @@ def serve(table: Table, stdin: TextIO, stdout: TextIO) -> None:
             return
         try:
             event = headers.get("eventname", "")
-            found = state_from_event(event, childutils.get_headers(payload.split("\n", 1)[0]))
+            body = childutils.get_headers(payload.split("\n", 1)[0])
+            found = state_from_event(event, body)
             if found is not None:
                 table.update(*found)
+            elif event == "PROCESS_GROUP_REMOVED":
+                table.remove(body.get("groupname", ""))
             elif event.startswith("TICK"):
                 table.tick()
         except Exception:

@@ -291,3 +291,17 @@ def test_the_control_never_serves_its_own_answers(repo: Repo, running: Superviso
     # refused without an answer: nothing on powa_collector, nothing on ERROR
     assert [s for s in seen if s != ("powa_collector", "WORKERS_STATUS powa_collector")] == []
     assert answered(repo)
+
+
+def test_a_removed_program_is_not_reported_stopped(
+    fleet: Fleet, repo: Repo, running: Supervisord
+) -> None:
+    assert "worker_2: stopped and removed" in fleet.generate("--disable", "2").stdout
+    wait_for(lambda: workers_status(repo).get("2") == "disabled", 10, "worker_2 disabled")
+    # linked again by hand, not applied yet: supervisord does not know the program
+    link = fleet.directory / "workers_enabled" / "worker_2.conf"
+    link.symlink_to("../workers_available/worker_2.conf")
+    wait_for(lambda: workers_status(repo).get("2", "").startswith("not loaded in supervisord"),
+             10, "worker_2 reported as not loaded")
+    assert ask(repo, "RELOAD", timeout=10).status == "OK"
+    wait_for(lambda: workers_status(repo).get("2") == "running", 20, "worker_2 running again")
