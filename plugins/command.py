@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import shlex
 import shutil
 import signal
@@ -84,7 +85,7 @@ class Command(Plugin):
             _kill_group(process)
             code = None
         # a background child may keep stderr open: do not wait for it
-        tail.join(2.0)
+        tail.finish(2.0)
         self._report(program, kind, code, tail.text())
         return code
 
@@ -103,18 +104,38 @@ class Command(Plugin):
 
 
 class StderrTail(threading.Thread):
-    """Reads a program's stderr to the end, keeping only its last bytes."""
+    """Reads a program's stderr to the end, keeping only its last bytes.
+
+    A background child of the program may hold stderr open long after the
+    program itself exited: ``finish`` makes the thread give up then, and it
+    closes the pipe itself (closing it from another thread would not wake a
+    blocked read), so neither the thread nor the descriptor outlives the event.
+    """
 
     def __init__(self, stream: IO[bytes], limit: int = TAIL_BYTES) -> None:
         super().__init__(name="command-stderr", daemon=True)
         self.stream = stream
         self.limit = limit
         self._tail = b""
+        self._finish = threading.Event()
 
     def run(self) -> None:
+        fd = self.stream.fileno()
         with self.stream:
-            while chunk := self.stream.read(4096):
+            while not self._finish.is_set():
+                readable, _, _ = select.select([fd], [], [], 0.1)
+                if not readable:
+                    continue
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    return
                 self._tail = (self._tail + chunk)[-self.limit:]
+
+    def finish(self, within: float) -> None:
+        """Read what comes within ``within`` seconds more, then stop and close the pipe."""
+        self.join(within)
+        self._finish.set()
+        self.join()
 
     def text(self) -> str:
         return self._tail.decode(errors="replace").strip()

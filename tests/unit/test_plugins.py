@@ -6,6 +6,7 @@ import base64
 import http.server
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Iterable, Iterator
@@ -501,3 +502,22 @@ def test_command_runs_with_the_environment_of_the_worker_only(tmp_path: Path) ->
     plugin.status_changed(event(alias="SECRET_ALIAS"))
     assert "SECRET_ALIAS" not in out.read_text()
     assert f"PATH={os.environ['PATH']}" in out.read_text()
+
+
+def test_a_background_child_holding_stderr_leaves_no_thread_or_descriptor(
+    tmp_path: Path,
+) -> None:
+    pid_file = tmp_path / "child.pid"
+    leaving = script(tmp_path, "leave.sh", f"sleep 300 &\necho $! >> {pid_file}\n"
+                                           "echo 'left a child' >&2\nexit 0\n")
+    (plugin,) = load(tmp_path, "command", command={"command": str(leaving)})
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    try:
+        for _ in range(3):
+            plugin.status_changed(event())
+        assert len(pid_file.read_text().split()) == 3
+        assert threading.active_count() == threads
+        assert len(os.listdir("/proc/self/fd")) == fds
+    finally:
+        for pid in pid_file.read_text().split():
+            os.kill(int(pid), signal.SIGKILL)
