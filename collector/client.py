@@ -53,7 +53,7 @@ class Client:
         timeout: float = 3.0,
         channel: str | None = None,
     ) -> list[Answer]:
-        """Send one request and return the answers received within ``timeout``."""
+        """Send one request; its answer if it comes within ``timeout`` (else an empty list)."""
         channel = channel or f"r{random.randint(1, 99999)}"
         conn = self.conn
         conn.execute("UNLISTEN *")
@@ -63,14 +63,18 @@ class Client:
         started = time.perf_counter()
         conn.execute("SELECT pg_catalog.pg_notify(%s, %s)", (protocol.CHANNEL, payload))
         answers = []
-        for notify in conn.notifies(timeout=timeout, stop_after=1):
+        # until the answer to this command: a stale or foreign notification on a
+        # channel of the same name (powa-web names them alike) does not end the wait
+        for notify in conn.notifies(timeout=timeout):
             if notify.channel != channel:
                 continue
             received, _, rest = notify.payload.partition(" ")
             status, _, data = rest.partition(" ")
-            answers.append(Answer(received, status, data, time.perf_counter() - started))
+            if received == command:
+                answers.append(Answer(received, status, data, time.perf_counter() - started))
+                break
         conn.execute("UNLISTEN *")
-        return [a for a in answers if a.command == command]
+        return answers
 
 
 def ask(dsn: str, command: str, args: Sequence[str] = (), timeout: float = 3.0) -> list[Answer]:
