@@ -10,6 +10,7 @@ whose key expired is reported as stuck.  Used by the control process
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from collector.supervisord import Supervisor
 log = logging.getLogger(__name__)
 
 DISABLED = "disabled"
+#: directories changed this recently may change again without their mtime moving
+FRESH_NS = 1_000_000_000
 STUCK = "stuck: running, but its status heartbeat in Redis expired"
 STARTING = "starting"
 
@@ -86,19 +89,29 @@ class StatusBoard:
         self.redis = redis_client or client(cfg.redis.url)
         self._dirs_key: tuple[int, int] | None = None
         self._servers: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())
+        # the control's main thread and its live board both ask
+        self._lock = threading.Lock()
 
     def servers(self) -> tuple[frozenset[int], frozenset[int]]:
-        """(available, enabled) server ids, read again when the directories change."""
+        """(available, enabled) server ids, read again when the directories change.
+
+        A directory's mtime only moves at the kernel's clock tick: a symlink
+        made in the same tick as our last listing would not change it.  A
+        listing taken while the directories are that fresh is not kept.
+        """
         try:
             key = (self.cfg.workers_available.stat().st_mtime_ns,
                    self.cfg.workers_enabled.stat().st_mtime_ns)
         except FileNotFoundError:
             return frozenset(), frozenset()
-        if key != self._dirs_key:
-            available = fleet.available(self.cfg)
-            self._servers = (frozenset(available), frozenset(fleet.enabled(self.cfg) & available))
-            self._dirs_key = key
-        return self._servers
+        with self._lock:
+            if key != self._dirs_key:
+                available = fleet.available(self.cfg)
+                self._servers = (frozenset(available),
+                                 frozenset(fleet.enabled(self.cfg) & available))
+                fresh = time.time_ns() - max(key) < FRESH_NS
+                self._dirs_key = None if fresh else key
+            return self._servers
 
     def documents(self, srvids: Iterable[int]) -> dict[int, dict[str, Any]]:
         """Status documents of these servers, when present (RedisError if Redis is away)."""
