@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-import simplejson as json
 
 from collector import fleet
 from collector.config import Config
 from collector.errors import SupervisorError
 from collector.logs import one_line
-from collector.status import STATUS_STOPPED, STATUS_STOPPING, client, status_key
+from collector.status import STATUS_STOPPED, STATUS_STOPPING, client, loads, status_key
 from collector.supervisord import Supervisor
 
 log = logging.getLogger(__name__)
@@ -121,13 +120,7 @@ class StatusBoard:
         raw = self.redis.mget([status_key(self.cfg.redis.prefix, s) for s in ids])
         found = {}
         for srvid, text in zip(ids, raw, strict=True):
-            if text is None:
-                continue
-            try:
-                document = json.loads(text)
-            except ValueError:
-                continue
-            if isinstance(document, dict):
+            if (document := loads(text)) is not None:
                 found[srvid] = document
         return found
 

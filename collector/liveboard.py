@@ -25,14 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-import simplejson as json
 
 from collector import fleet
 from collector.board import DISABLED, StatusBoard, derive_status
 from collector.logs import one_line
 from collector.programs import ALIVE_TTL, alive_key, programs_key
 from collector.schedule import Backoff
-from collector.status import client, heartbeat_channel, status_channel, status_key
+from collector.status import client, heartbeat_channel, loads, status_channel, status_key
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +149,7 @@ class LiveBoard(threading.Thread):
         programs = {
             _text(name): document
             for name, value in self.redis.hgetall(programs_key(prefix)).items()
-            if (document := _document(value)) is not None
+            if (document := loads(value)) is not None
         }
         alive = bool(self.redis.exists(alive_key(prefix)))
         available, _ = self.direct.servers()
@@ -159,7 +158,7 @@ class LiveBoard(threading.Thread):
         now = time.monotonic()
         workers = {}
         for srvid, text in zip(ids, raw, strict=True):
-            document = _document(text)
+            document = loads(text)
             if document is not None:
                 workers[srvid] = _Seen(int(document.get("pid") or 0),
                                        str(document.get("status")), now)
@@ -171,7 +170,7 @@ class LiveBoard(threading.Thread):
             self._version += 1
 
     def _on_status(self, data: bytes) -> None:
-        document = _document(data)
+        document = loads(data)
         if document is None or not isinstance(document.get("srvid"), int):
             return
         with self._lock:
@@ -191,7 +190,7 @@ class LiveBoard(threading.Thread):
                 seen.at = time.monotonic()
 
     def _on_program(self, data: bytes) -> None:
-        message = _document(data)
+        message = loads(data)
         if message is None:
             return
         with self._lock:
@@ -211,13 +210,3 @@ class LiveBoard(threading.Thread):
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _document(text: bytes | str | None) -> dict[str, Any] | None:
-    if not text:
-        return None
-    try:
-        document = json.loads(text)
-    except ValueError:
-        return None
-    return document if isinstance(document, dict) else None

@@ -65,6 +65,17 @@ def client(url: str, socket_timeout: float = 2.0) -> redis.Redis:
     )
 
 
+def loads(text: bytes | str | None) -> dict[str, Any] | None:
+    """A JSON object read from Redis; None when absent or not an object."""
+    if not text:
+        return None
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
 def dumps(document: Mapping[str, Any]) -> str:
     """JSON text of a status document, its strings passed through the redactor as a last guard."""
     return str(json.dumps(REDACTOR.redact_strings(document), sort_keys=True, ensure_ascii=False))
