@@ -77,9 +77,11 @@ class RemoteSession:
             )
         except psycopg.Error as exc:
             raise RemoteUnavailable(one_line(exc)) from None
+        # kept at once: closed by close() on any failure below, and visible to the
+        # watchdog, which may have to cancel these statements
+        self.conn = conn
         try:
             set_lock_timeout(conn)
-            self.conn = conn
             self.refresh_versions()
         except psycopg.Error as exc:
             self.close()

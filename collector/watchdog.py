@@ -142,7 +142,7 @@ class Watchdog(threading.Thread, Guard):
             return []
         if self._remote_cancel is None and (stopping or now >= self._remote_deadline):
             self._remote_cancel = (now, self._statements)
-            why = "stopping" if stopping else "snapshot overran its deadline on the remote server"
+            why = "stopping" if stopping else "remote statement overran its deadline"
             return [(f"{why}: cancelling the remote statement", remote.cancel)]
         if self._remote_cancel is not None:
             cancelled_at, statement = self._remote_cancel

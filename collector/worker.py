@@ -19,6 +19,7 @@ cancelled and rolled back; a second SIGTERM cancels at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
@@ -26,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -195,7 +197,8 @@ class Worker:
         elif self.remote is not None and self.remote.connected:
             # like upstream's reload: versions are checked again
             try:
-                self.remote.refresh_versions()
+                with self._remote_deadline():
+                    self.remote.refresh_versions()
             except psycopg.Error:
                 self.remote.close()
         else:
@@ -282,10 +285,28 @@ class Worker:
         self.publish()
 
     # ------------------------------------------------------------------ remote
+    @contextlib.contextmanager
+    def _remote_deadline(self) -> Iterator[None]:
+        """Remote statements outside a snapshot (connection set-up, versions) end in time.
+
+        The watchdog cancels them past the deadline, and drops the connection of
+        a frozen backend, as it does for a snapshot's source queries.
+        """
+        assert self.remote is not None
+        now = time.monotonic()
+        self.watchdog.arm(self.remote, now + REPOSITORY_BUDGET)
+        self.watchdog.remote_begin(now + 2 * self.cfg.collector.connect_timeout)
+        try:
+            yield
+        finally:
+            self.watchdog.remote_end()
+            self.watchdog.disarm()
+
     def _connect_remote(self) -> bool:
         assert self.remote is not None
         try:
-            self.remote.connect()
+            with self._remote_deadline():
+                self.remote.connect()
         except RemoteUnavailable as exc:
             self._remote_failed(f"cannot connect to the remote server: {exc}", report=False)
             return False
@@ -397,7 +418,8 @@ class Worker:
         if time.monotonic() - self.remote.versions_read_at < VERSIONS_EVERY:
             return True
         try:
-            self.remote.refresh_versions()
+            with self._remote_deadline():
+                self.remote.refresh_versions()
         except psycopg.Error as exc:
             self._remote_failed(f"remote server lost: {logs.one_line(exc)}", report=False)
             return False

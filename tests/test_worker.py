@@ -180,7 +180,7 @@ def test_sighup_rereads_the_row_without_restart(
     fleet: Fleet, repo: Repo
 ) -> None:
     srvid = repo.srvids[2]
-    repo.due_in(srvid, 1, frequency=60)
+    repo.due_in(srvid, 4, frequency=60)
     worker = fleet.start_worker(srvid)
     wait_for(lambda: repo.snapshots(srvid) >= 1, 15, "a first snapshot")
     document = fleet.status(srvid)
@@ -194,7 +194,7 @@ def test_sighup_rereads_the_row_without_restart(
 
 def test_force_snapshot_answers_like_upstream(fleet: Fleet, repo: Repo) -> None:
     srvid = repo.srvids[2]
-    repo.due_in(srvid, 1, frequency=300)
+    repo.due_in(srvid, 4, frequency=300)
     fleet.start_worker(srvid)
     wait_for(lambda: repo.snapshots(srvid) >= 1, 15, "a first snapshot")
     assert force(fleet, srvid) == {"status": "ERROR",
@@ -262,7 +262,7 @@ def cpu_seconds(pid: int) -> float:
 
 def test_sighup_while_the_repository_is_down_waits_quietly(fleet: Fleet, repo: Repo) -> None:
     srvid = repo.srvids[1]
-    repo.due_in(srvid, 1, frequency=300)
+    repo.due_in(srvid, 4, frequency=300)
     worker = fleet.start_worker(srvid)
     wait_for(lambda: repo.snapshots(srvid) >= 1, 15, "a first snapshot")
     repo.cluster.stop()
@@ -306,3 +306,33 @@ def test_a_frozen_remote_cannot_stall_the_worker(
         assert worker.poll() is None
     finally:
         os.kill(backend, signal.SIGCONT)
+
+
+def test_a_remote_frozen_outside_a_snapshot_cannot_stall_the_worker(
+    fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
+) -> None:
+    remote = cluster_factory(workload=20)
+    srvid = repo.register(remote, alias="frozen between snapshots")
+    repo.due_in(srvid, 4, frequency=300)
+    worker = fleet.start_worker(srvid)
+    wait_for(lambda: repo.snapshots(srvid) >= 1, 20, "a first snapshot")
+    with remote.connect() as conn:
+        backend = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+            (f"powa-fleet worker {srvid}",),
+        ).fetchone()
+    assert backend is not None
+    os.kill(backend[0], signal.SIGSTOP)
+    try:
+        # SIGHUP reads the versions again, on the frozen connection
+        worker.send_signal(signal.SIGHUP)
+        wait_for(lambda: "dropping its connection" in fleet.log(srvid), 30,
+                 "the watchdog to give up on the frozen backend")
+    finally:
+        os.kill(backend[0], signal.SIGCONT)
+    # the worker goes on with a new connection
+    repo.set_frequency(5, srvid)
+    worker.send_signal(signal.SIGHUP)
+    count = repo.snapshots(srvid)
+    wait_for(lambda: repo.snapshots(srvid) > count, 20, "snapshots on a new connection")
+    assert worker.poll() is None
