@@ -94,7 +94,8 @@ class Repo:
     def due_in(self, srvid: int, seconds: float, frequency: int) -> None:
         """Set a frequency and a last snapshot time so that the first snapshot of a
         worker is due ``seconds`` from now (it resumes from snapts).  The worker must
-        read its row before that, else snapts is stale and it picks a random start."""
+        read its row before that, else snapts is stale and it picks a random start
+        within the period: with a long period, give it a few seconds to start."""
         self.execute("UPDATE powa_servers SET frequency = %s WHERE id = %s", (frequency, srvid))
         self.execute(
             "UPDATE powa_snapshot_metas SET snapts = now() - make_interval(secs => %s)"

@@ -284,7 +284,7 @@ def test_sigterm_during_snapshot_rolls_back_and_exits_in_time(
     remote = cluster_factory(workload=50)
     srvid = repo.register(remote, alias="stopped")
     add_slow_source(repo, remote, srvid, 60)
-    repo.due_in(srvid, 1, frequency=120)
+    repo.due_in(srvid, 4, frequency=120)
     process = fleet.start_worker(srvid)
     wait_for(lambda: repo.worker_sessions(srvid), 20, "the snapshot to start")
     with remote.connect() as conn:
