@@ -76,9 +76,20 @@ def loads(text: bytes | str | None) -> dict[str, Any] | None:
     return document if isinstance(document, dict) else None
 
 
+#: fields of a status document that hold text from elsewhere (errors, powa_servers)
+FREE_TEXT = ("alias", "last_error")
+
+
 def dumps(document: Mapping[str, Any]) -> str:
-    """JSON text of a status document, its strings passed through the redactor as a last guard."""
-    return str(json.dumps(REDACTOR.redact_strings(document), sort_keys=True, ensure_ascii=False))
+    """JSON text of a status document, its free text passed through the redactor.
+
+    The other fields are numbers, times and this program's own words: masking a
+    password that happens to be a common word ("server") inside them would
+    change the statuses powa-web shows.
+    """
+    redacted = {key: REDACTOR.redact_strings(value) if key in FREE_TEXT else value
+                for key, value in document.items()}
+    return str(json.dumps(redacted, sort_keys=True, ensure_ascii=False))
 
 
 class StatusPublisher(threading.Thread):

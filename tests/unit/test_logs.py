@@ -50,12 +50,18 @@ def test_short_secrets_are_masked_where_they_stand_alone() -> None:
     assert redactor.redact("pid 41234 at 2026-11-24") == "pid 41234 at 2026-11-24"
 
 
-def test_status_documents_stay_valid_json_whatever_the_secrets() -> None:
-    logs.REDACTOR.add("1234", "doc-secret-value")
+def test_status_documents_stay_valid_json_whatever_the_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    redactor = logs.Redactor()
+    redactor.add("1234", "doc-secret-value", "server")
+    monkeypatch.setattr(status, "REDACTOR", redactor)
     document = {"pid": 41234, "alias": "db password=x, more", "last_error": "doc-secret-value",
-                "timings": [1234, "1234"]}
+                "status": "no connection to remote server", "started_at": "2026-11-24T12:34"}
     parsed = json.loads(status.dumps(document))
     assert parsed["pid"] == 41234
     assert parsed["last_error"] == logs.MASK
     assert parsed["alias"] == f"db password={logs.MASK} more"
-    assert parsed["timings"] == [1234, logs.MASK]
+    # this program's own words and times are kept whole
+    assert parsed["status"] == "no connection to remote server"
+    assert parsed["started_at"] == "2026-11-24T12:34"
