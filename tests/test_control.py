@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import string
-import time
 from collections.abc import Callable
 
 import psycopg
@@ -170,17 +169,17 @@ def test_permission_denied_for_roles_that_cannot_signal(
 def test_listening_again_after_the_connection_is_killed(
     repo: Repo, running: Supervisord
 ) -> None:
-    killed = repo.one(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-        " WHERE application_name = 'powa-fleet control'"
-    )
-    assert killed is True
-    started = time.monotonic()
-    wait_for(lambda: repo.one(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'powa-fleet control'"
-    ), 10, "the control to reconnect")
+    pid = repo.one("SELECT pid FROM pg_stat_activity WHERE application_name = 'powa-fleet control'")
+    assert repo.one("SELECT pg_terminate_backend(%s)", (pid,)) is True
+    def listening_again() -> bool:
+        # another backend than the killed one (which may be listed for a moment), answering
+        return bool(repo.one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'powa-fleet control'"
+            " AND pid <> %s", (pid,)
+        )) and answered(repo)
+
+    wait_for(listening_again, 15, "the control to listen again")
     assert workers_status(repo, "1") == {"1": "running"}
-    assert time.monotonic() - started < 10
     log = (running.fleet.directory / "logs" / "control.log").read_text()
     assert "notifications sent meanwhile are lost" in log
 

@@ -59,7 +59,6 @@ def test_remote_down_then_back_without_restart(
     wait_for(lambda: repo.snapshots(srvid) >= 1, 15, "a first snapshot")
     assert status_is(fleet, srvid, "running")
     remote.stop()
-    stopped_at = time.monotonic()
     wait_for(lambda: status_is(fleet, srvid, "no connection to remote server"), 6,
              "status 'no connection to remote server' within one period")
     # powa-web sees why, in powa_snapshot_metas.errors, at the next due time
@@ -73,7 +72,6 @@ def test_remote_down_then_back_without_restart(
     document = fleet.status(srvid)
     assert document is not None and document["pid"] == worker.pid
     assert document["snapshots_ok"] >= 2
-    assert time.monotonic() - stopped_at < 60
     assert worker.poll() is None
 
 
