@@ -14,8 +14,6 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Mapping
-from typing import Any
 
 MASK = "********"
 
@@ -59,20 +57,6 @@ class Redactor:
             text = self._short.sub(MASK, text)
         text = _CONNINFO_PASSWORD.sub(lambda m: m.group(1) + MASK, text)
         return _URL_PASSWORD.sub(lambda m: m.group(1) + MASK + m.group(3), text)
-
-    def redact_strings(self, value: Any) -> Any:
-        """``value`` (a JSON-like document) with every string in it redacted.
-
-        Redacting the JSON text instead could mask part of a number or eat a
-        closing quote, and leave a document nobody can read.
-        """
-        if isinstance(value, str):
-            return self.redact(value)
-        if isinstance(value, Mapping):
-            return {key: self.redact_strings(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [self.redact_strings(item) for item in value]
-        return value
 
 
 #: the process-wide redactor; every log line and every status text goes through it

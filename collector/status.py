@@ -87,8 +87,8 @@ def dumps(document: Mapping[str, Any]) -> str:
     password that happens to be a common word ("server") inside them would
     change the statuses powa-web shows.
     """
-    redacted = {key: REDACTOR.redact_strings(value) if key in FREE_TEXT else value
-                for key, value in document.items()}
+    redacted = {key: REDACTOR.redact(value) if key in FREE_TEXT and isinstance(value, str)
+                else value for key, value in document.items()}
     return str(json.dumps(redacted, sort_keys=True, ensure_ascii=False))
 
 
