@@ -170,7 +170,7 @@ class Control:
             return False
         self.conn = conn
         if servers is not None:
-            self._remember(servers)
+            self.fingerprints = _fingerprints(servers)
         self.backoff.reset()
         self.last_check = time.monotonic()
         if self.lost_at is not None:
@@ -347,9 +347,6 @@ class Control:
         assert conn is not None and self.powa is not None
         return repository.list_servers(conn, self.powa)
 
-    def _remember(self, servers: list[Server]) -> None:
-        self.fingerprints = {s.srvid: s.fingerprint() for s in servers}
-
     def reload(self) -> None:
         """Regenerate, apply to supervisord, tell changed workers to re-read their row."""
         started = time.monotonic()
@@ -358,7 +355,7 @@ class Control:
         supervisor = Supervisor(self.cfg.supervisor_socket)
         # restarting itself from inside a request would kill this very request
         applied = supervisor.apply(keep="control")
-        current = {s.srvid: s.fingerprint() for s in servers}
+        current = _fingerprints(servers)
         changed = {s for s, fp in current.items()
                    if s in self.fingerprints and self.fingerprints[s] != fp}
         # only a worker that published its status has its SIGHUP handler in place (a
@@ -393,6 +390,10 @@ class Control:
             self.reload()
         except (FleetError, SupervisorError, psycopg.Error) as exc:
             log.error("%s reload failed: %s", why, logs.one_line(exc))
+
+
+def _fingerprints(servers: list[Server]) -> dict[int, str]:
+    return {server.srvid: server.fingerprint() for server in servers}
 
 
 def told(previous: dict[int, str], current: dict[int, str],
