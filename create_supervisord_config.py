@@ -6,7 +6,7 @@ Thin entry point: the logic lives in collector.generator and collector.fleet.
 
 import sys
 
-from collector.generator import main
+from collector.fleet.generator import main
 
 if __name__ == "__main__":
     sys.exit(main())

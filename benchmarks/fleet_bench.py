@@ -40,9 +40,9 @@ from benchmarks.common import (
     table,
     upstream_python,
 )
-from collector import sandbox
-from collector.client import Client
-from collector.supervisord import Supervisor
+from collector.cli.client import Client
+from collector.demo import sandbox
+from collector.fleet.supervisord import Supervisor
 
 PER_CLUSTER = 50
 REQUESTS = 300

@@ -30,9 +30,10 @@ import simplejson as json
 from psycopg import sql
 
 from benchmarks.common import ROOT, header, median, ms, pss_kib, table, upstream_python
-from collector import repository, sandbox
-from collector.remote import RemoteSession
-from collector.snapshot import Snapshot
+from collector import repository
+from collector.demo import sandbox
+from collector.worker.remote import RemoteSession
+from collector.worker.snapshot import Snapshot
 
 UPSTREAM_DRIVER = """
 import json, logging, sys, time

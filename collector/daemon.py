@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from collector import config, logs
-from collector.errors import EXPECTED_EXIT_CODES, FleetError
+from collector.errors import EXIT_FAILURE, EXPECTED_EXIT_CODES, FleetError
 
 STARTED = time.monotonic()
 #: supervisord counts an exit before ``startsecs`` (1 s by default) as a failed
@@ -23,6 +23,20 @@ def settle(code: int) -> int:
     if code and code in EXPECTED_EXIT_CODES and os.environ.get("SUPERVISOR_ENABLED"):
         time.sleep(max(0.0, MIN_UPTIME - (time.monotonic() - STARTED)))
     return code
+
+
+def fatal(program: str, error: BaseException | str, code: int | None = None) -> int:
+    """Print why ``program`` cannot go on, one redacted line a problem; its exit code.
+
+    The code is ``code``, else the error's own (``FleetError.exit_code``), else
+    EXIT_FAILURE; an exit supervisord must not retry is delayed until it can
+    tell (``settle``).
+    """
+    if code is None:
+        code = error.exit_code if isinstance(error, FleetError) else EXIT_FAILURE
+    for line in str(error).splitlines() or ["failed"]:
+        print(f"{program}: {logs.REDACTOR.redact(line)}", file=sys.stderr)
+    return settle(code)
 
 
 def config_argument(parser: argparse.ArgumentParser) -> None:
@@ -39,9 +53,7 @@ def load_config(program: str, path: str | None, level: str | None = None) -> con
     try:
         cfg = config.load(path)
     except FleetError as exc:
-        for line in str(exc).splitlines():
-            print(f"{program}: {line}", file=sys.stderr)
-        raise SystemExit(settle(exc.exit_code)) from None
+        raise SystemExit(fatal(program, exc)) from None
     logs.REDACTOR.add(*cfg.secrets())
     logs.setup(program, level or cfg.collector.log_level)
     return cfg

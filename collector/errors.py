@@ -1,10 +1,25 @@
-"""Exceptions and process exit codes of powa-fleet.
+"""Exceptions and process exit codes of powa-fleet: the one table of both.
 
-Only the ``main()`` functions turn these into exit codes.  The codes are part
-of the supervisord contract: the generated program files list ``EXIT_OK``,
-``EXIT_CONFIG``, ``EXIT_UNKNOWN_SERVER`` and ``EXIT_SERVER_DISABLED`` in
-``exitcodes`` so that supervisord does not restart a worker that can never
-succeed (no crash loop), while any other exit is restarted.
+Only the ``main()`` functions turn these into exit codes (through
+``collector.daemon.fatal``).  One code means one thing in every program:
+
+====  =====================  ==================================================
+code  name                   meaning
+====  =====================  ==================================================
+0     EXIT_OK                done (a daemon stopped on request)
+1     EXIT_FAILURE           a one-shot run failed, a check found problems, an
+                             operator command got a negative answer
+2     EXIT_CONFIG            bad command line or configuration file
+3     EXIT_UNKNOWN_SERVER    the server id is not a remote server of powa_servers
+4     EXIT_SERVER_DISABLED   the server's frequency is -1 (not collected)
+5     EXIT_UNAVAILABLE       what had to be asked (repository, Redis,
+                             supervisord, the control) did not answer
+====  =====================  ==================================================
+
+The codes are part of the supervisord contract: the generated program files
+list ``EXPECTED_EXIT_CODES`` in ``exitcodes`` so that supervisord does not
+restart a worker that can never succeed (no crash loop), while any other exit
+is restarted.
 """
 
 from __future__ import annotations
@@ -18,6 +33,8 @@ EXIT_CONFIG = 2
 EXIT_UNKNOWN_SERVER = 3
 #: the server exists but is not collected (``frequency = -1``)
 EXIT_SERVER_DISABLED = 4
+#: the repository, Redis, supervisord or the control could not be asked
+EXIT_UNAVAILABLE = 5
 
 #: exit codes supervisord must treat as expected (do not restart)
 EXPECTED_EXIT_CODES = (EXIT_OK, EXIT_CONFIG, EXIT_UNKNOWN_SERVER, EXIT_SERVER_DISABLED)
@@ -57,9 +74,13 @@ class ServerDisabledError(FleetError):
 class RepositoryUnavailable(FleetError):
     """The repository database cannot be reached or queried."""
 
+    exit_code = EXIT_UNAVAILABLE
+
 
 class RemoteUnavailable(FleetError):
     """The remote server cannot be reached."""
+
+    exit_code = EXIT_UNAVAILABLE
 
 
 class ConcurrentSnapshotError(FleetError):
@@ -68,3 +89,13 @@ class ConcurrentSnapshotError(FleetError):
 
 class SupervisorError(FleetError):
     """supervisord cannot be reached or refused an operation."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class SnapshotAborted(FleetError):
+    """The snapshot could not be stored at all; the message says why."""
+
+
+class ProtocolError(FleetError):
+    """A NOTIFY request that cannot be served; the message is the answer's data."""

@@ -14,6 +14,7 @@ import logging
 import re
 import sys
 import threading
+import time
 
 MASK = "********"
 
@@ -91,3 +92,36 @@ def one_line(text: object, limit: int = 500) -> str:
     flat = " ".join(str(text).split())
     flat = REDACTOR.redact(flat)
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+class Outage:
+    """Logs a dependency's failure once per outage, and its return once.
+
+    A Redis or repository that stays away for an hour must not write a line
+    per attempt (hundreds of workers retry every few seconds).
+    """
+
+    def __init__(self, log: logging.Logger, what: str) -> None:
+        self.log = log
+        self.what = what
+        self.since: float | None = None
+
+    @property
+    def failing(self) -> bool:
+        return self.since is not None
+
+    def failed(self, exc: object) -> bool:
+        """Note a failure; True (and one warning) when it starts an outage."""
+        if self.since is not None:
+            return False
+        self.since = time.monotonic()
+        self.log.warning("%s (will keep trying): %s", self.what, one_line(exc))
+        return True
+
+    def recovered(self, again: str) -> bool:
+        """Note a success; True (and one line saying ``again``) when it ends an outage."""
+        if self.since is None:
+            return False
+        self.log.info("%s after %.0fs", again, time.monotonic() - self.since)
+        self.since = None
+        return True

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from collector import sandbox
-from collector.supervisord import Supervisor
+from collector.demo import sandbox
+from collector.fleet.supervisord import Supervisor
 from tests.helpers import PYTHON, ROOT, Fleet, Repo, wait_for
 
 #: statements created on the first remote; the others get a light workload

@@ -21,8 +21,8 @@ import redis
 import simplejson as json
 from psycopg import sql
 
-from collector import sandbox
-from collector.repository import Conn
+from collector.demo import sandbox
+from collector.pg import Conn
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent

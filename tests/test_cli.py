@@ -54,12 +54,12 @@ def test_status_and_notify(fleet: Fleet, repo: Repo, supervisord: Supervisord) -
 
     supervisord.ctl("stop", "control")
     silent = cli(fleet, "notify", "WORKERS_STATUS", "--timeout", "1")
-    assert silent.returncode == 3
+    assert silent.returncode == 5
     assert "no answer" in silent.stderr
 
 
 def test_cli_without_supervisord_says_it_cannot_tell(fleet: Fleet, repo: Repo) -> None:
     assert fleet.generate().returncode == 0
     result = cli(fleet, "status")
-    assert result.returncode == 3
+    assert result.returncode == 5
     assert result.stdout.count("unknown: supervisord unavailable") == 3

@@ -13,10 +13,11 @@ import simplejson as json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector import config, sandbox
-from collector.board import StatusBoard
-from collector.client import Answer, Client
-from collector.liveboard import LiveBoard
+from collector import config
+from collector.cli.client import Answer, Client
+from collector.control.board import StatusBoard
+from collector.control.liveboard import LiveBoard
+from collector.demo import sandbox
 from tests.conftest import Supervisord, start_supervisord
 from tests.helpers import Fleet, Repo, wait_for
 

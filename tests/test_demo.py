@@ -12,7 +12,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from collector import config, sandbox
+from collector import config
+from collector.demo import sandbox
 from tests.helpers import PYTHON, ROOT, wait_for, web_states, web_ui
 
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from collector import sandbox
+from collector.demo import sandbox
 from tests.conftest import Supervisord, start_supervisord
 from tests.helpers import Fleet, Repo, wait_for, web_states, web_ui
 
@@ -227,7 +227,7 @@ def test_generator_errors_are_one_line_and_write_nothing(
     fleet.write_config(repository={"dsn": f"postgresql://postgres@127.0.0.1:{sandbox.free_port()}"
                                           "/powa?connect_timeout=2"})
     result = fleet.generate()
-    assert result.returncode == 2
+    assert result.returncode == 5
     assert len(result.stderr.strip().splitlines()) == 1
     assert "cannot connect to the repository" in result.stderr
     assert sorted(p.name for p in fleet.directory.iterdir()) == ["collector.cfg"]
@@ -235,7 +235,7 @@ def test_generator_errors_are_one_line_and_write_nothing(
     fleet.write_config()
     (fleet.directory / "workers_available").write_text("in the way")
     result = fleet.generate()
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1
     assert "cannot write the fleet" in result.stderr
     assert not (fleet.directory / "supervisord.conf").exists()
@@ -244,7 +244,7 @@ def test_generator_errors_are_one_line_and_write_nothing(
 
 def test_apply_without_supervisord_is_a_clear_error(fleet: Fleet, repo: Repo) -> None:
     result = fleet.generate("--apply")
-    assert result.returncode == 1
+    assert result.returncode == 5
     assert "applying them failed" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     # --enable without a running supervisord only changes the symlink

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import simplejson as json
 
-from collector import sandbox
-from tests.helpers import ROOT, Fleet, Repo, password_remote, stop_process, wait_for
+from collector.demo import sandbox
+from tests.helpers import Fleet, Repo, password_remote, stop_process, wait_for
 from tests.unit.test_plugins import Post, Receiver, script
 
 PASSWORD = "Pl4gin-S3cret-pw!"
@@ -180,6 +180,7 @@ def test_broken_or_misconfigured_plugins_stop_the_worker_start(fleet: Fleet, rep
         f"{where} [plugins] enabled: cannot load plugin 'fleettest.broken': "
         "RuntimeError: broken on purpose",
         f"{where} [plugins] enabled: cannot load plugin 'nosuch': "
-        f"ImportError: no file {ROOT / 'plugins' / 'nosuch.py'}",
+        "ImportError: no shipped plugin of that name, and no file "
+        f"{fleet.directory / 'plugins' / 'nosuch.py'}",
     ]
     assert repo.snapshots(srvid) == 0

@@ -10,7 +10,7 @@ from datetime import datetime
 
 import pytest
 
-from collector import sandbox
+from collector.demo import sandbox
 from tests.conftest import BIG_WORKLOAD
 from tests.helpers import PYTHON, ROOT, Fleet, Repo, stop_process, wait_for
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import redis
 import simplejson as json
 
-from collector import sandbox
+from collector.demo import sandbox
 from tests.helpers import Fleet, Repo, password_remote, proc_text, stop_process, wait_for
 from tests.test_snapshot import add_slow_source
 

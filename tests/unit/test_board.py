@@ -7,9 +7,10 @@ from pathlib import Path
 
 import redis
 
-from collector import config, fleet
-from collector.board import DISABLED, STARTING, STUCK, StatusBoard, derive_status
-from collector.programs import state_from_event
+from collector import config
+from collector.control.board import DISABLED, STARTING, STUCK, StatusBoard, derive_status
+from collector.fleet import files
+from collector.fleet.programs import state_from_event
 from tests.unit.test_config import GOOD, write
 
 RUNNING = {"statename": "RUNNING", "pid": 10, "start": 1000}
@@ -63,15 +64,15 @@ def test_the_enabled_servers_are_never_cached_from_a_listing_taken_mid_change(
     tmp_path: Path,
 ) -> None:
     cfg = config.load(write(tmp_path, GOOD))
-    fleet.prepare_directories(cfg)
+    files.prepare_directories(cfg)
     board = StatusBoard(cfg, redis.Redis())
-    fleet.write_atomic(fleet.worker_file(cfg, 1), "[program:worker_1]\n")
-    fleet.set_enabled(cfg, 1, enable=True)
+    files.write_atomic(files.worker_file(cfg, 1), "[program:worker_1]\n")
+    files.set_enabled(cfg, 1, enable=True)
     assert board.servers() == (frozenset({1}), frozenset({1}))
     # a second link within the same clock tick: the directory's mtime does not move
     stamp = cfg.workers_enabled.stat().st_mtime_ns
-    fleet.write_atomic(fleet.worker_file(cfg, 2), "[program:worker_2]\n")
-    fleet.set_enabled(cfg, 2, enable=True)
+    files.write_atomic(files.worker_file(cfg, 2), "[program:worker_2]\n")
+    files.set_enabled(cfg, 2, enable=True)
     os.utime(cfg.workers_enabled, ns=(stamp, stamp))
     os.utime(cfg.workers_available, ns=(stamp, stamp))
     assert board.servers() == (frozenset({1, 2}), frozenset({1, 2}))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collector.control import told
+from collector.control.reload import told
 
 
 def test_a_changed_row_is_known_once_its_worker_was_reached() -> None:

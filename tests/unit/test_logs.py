@@ -7,7 +7,7 @@ import logging
 import pytest
 import simplejson as json
 
-from collector import logs, status
+from collector import keys, logs
 
 
 def test_known_secrets_and_password_shapes_are_masked() -> None:
@@ -55,10 +55,10 @@ def test_status_documents_stay_valid_json_whatever_the_secrets(
 ) -> None:
     redactor = logs.Redactor()
     redactor.add("1234", "doc-secret-value", "server")
-    monkeypatch.setattr(status, "REDACTOR", redactor)
+    monkeypatch.setattr(keys, "REDACTOR", redactor)
     document = {"pid": 41234, "alias": "db password=x, more", "last_error": "doc-secret-value",
                 "status": "no connection to remote server", "started_at": "2026-11-24T12:34"}
-    parsed = json.loads(status.dumps(document))
+    parsed = json.loads(keys.dumps(document))
     assert parsed["pid"] == 41234
     assert parsed["last_error"] == logs.MASK
     assert parsed["alias"] == f"db password={logs.MASK} more"

@@ -7,8 +7,8 @@ import simplejson as json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from collector import protocol
-from collector.protocol import ProtocolError
+from collector.control import protocol
+from collector.errors import ProtocolError
 
 
 def test_parse_like_powa_web_sends() -> None:

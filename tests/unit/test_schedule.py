@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 
-from collector.schedule import Backoff, Schedule
+from collector.backoff import Backoff
+from collector.worker.schedule import Schedule
 
 
 def test_resume_keeps_the_cadence_of_a_recent_snapshot() -> None:

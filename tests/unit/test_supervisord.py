@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from collector.errors import SupervisorError
-from collector.supervisord import Supervisor
+from collector.fleet.supervisord import Supervisor
 
 
 def test_a_silent_supervisord_times_out_and_the_client_recovers(tmp_path: Path) -> None:

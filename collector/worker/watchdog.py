@@ -15,10 +15,10 @@ from typing import Any
 
 import psycopg
 
-from collector import repository
-from collector.remote import RemoteSession
-from collector.snapshot import Guard
+from collector import pg
 from collector.wakeup import SignalFlags, Wakeup
+from collector.worker.remote import RemoteSession
+from collector.worker.snapshot import Guard
 
 log = logging.getLogger("collector.worker")
 
@@ -160,9 +160,9 @@ class Watchdog(threading.Thread, Guard):
             self._repo_cancel = now
             why = "stopping" if stopping else "snapshot overran its deadline on the repository"
             return [(f"{why}: cancelling the repository statement",
-                     lambda: repository.cancel(repo))]
+                     lambda: pg.cancel(repo))]
         if self._repo_cancel is not None and now - self._repo_cancel >= self.ABORT_AFTER:
             self._repo = None
             return [("the repository ignores the cancel: dropping its connection",
-                     lambda: repository.abort(repo))]
+                     lambda: pg.abort(repo))]
         return []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import logging
 import socket
+import threading
 import time
 import xmlrpc.client
 from dataclasses import dataclass, field
@@ -128,12 +129,14 @@ class Supervisor:
         sent = self._call("signalProcess", name, signame, tolerate=("NOT_RUNNING", "BAD_NAME"))
         return bool(sent)
 
-    def _stop_groups(self, names: list[str]) -> None:
+    def _stop_groups(self, names: list[str], cancel: threading.Event | None = None) -> None:
         """Stop these groups all at once and wait until none of their processes runs.
 
         One at a time, each stop would wait for its worker's snapshot to end:
         a reload that changes every program would take minutes.  supervisord
-        kills what outlives its ``stopwaitsecs``; ``STOP_WAIT`` bounds the wait.
+        kills what outlives its ``stopwaitsecs``; ``STOP_WAIT`` bounds the wait,
+        and ``cancel`` ends it early (the caller is stopping: supervisord goes
+        on stopping them by itself).
         """
         if not names:
             return
@@ -142,6 +145,7 @@ class Supervisor:
             self._call("stopProcessGroup", name, False, tolerate=("NOT_RUNNING", "BAD_NAME"))
         groups = set(names)
         deadline = time.monotonic() + STOP_WAIT
+        cancel = cancel or threading.Event()
         # a whole-table read costs supervisord ~0.2 s at 500 programs: look
         # often for a quick stop, then less often while snapshots wind down
         delay = 0.1
@@ -153,11 +157,13 @@ class Supervisor:
             if time.monotonic() > deadline:
                 raise SupervisorError(f"still running after {STOP_WAIT:.0f}s: "
                                       f"{', '.join(running[:10])}")
-            time.sleep(delay)
+            if cancel.wait(delay):
+                raise SupervisorError("cancelled while waiting for programs to stop: "
+                                      f"{', '.join(running[:10])}")
             delay = min(delay * 2, 1.0)
 
-    def apply(self, keep: str | None = None) -> ApplyReport:
-        """``supervisorctl update``: make the running programs match the configuration files.
+    def plan(self, keep: str | None = None) -> ApplyReport:
+        """Re-read the configuration files: what an ``execute()`` would change.
 
         ``keep`` names a program not to restart even if its settings changed (the
         caller itself); it takes them at its next restart.
@@ -166,12 +172,20 @@ class Supervisor:
         if keep in changed:
             log.warning("%s: new settings, taken at its next restart", keep)
             changed = [name for name in changed if name != keep]
-        report = ApplyReport(sorted(added), sorted(changed), sorted(removed))
-        self._stop_groups(report.removed + report.changed)
+        return ApplyReport(sorted(added), sorted(changed), sorted(removed))
+
+    def execute(self, report: ApplyReport, cancel: threading.Event | None = None) -> None:
+        """Stop and remove deleted groups, restart changed ones, add new ones."""
+        self._stop_groups(report.removed + report.changed, cancel)
         for name in report.removed + report.changed:
-            self._call("removeProcessGroup", name)
+            self._call("removeProcessGroup", name, tolerate=("BAD_NAME",))
         for name in report.changed + report.added:
-            self._call("addProcessGroup", name)
+            self._call("addProcessGroup", name, tolerate=("ALREADY_ADDED",))
         for line in report.lines():
             log.info("supervisord: %s", line)
+
+    def apply(self, keep: str | None = None) -> ApplyReport:
+        """``supervisorctl update``: make the running programs match the configuration files."""
+        report = self.plan(keep)
+        self.execute(report)
         return report

@@ -1,4 +1,4 @@
-"""Schedule maths of a worker: when the next snapshot is due, how long to back off.
+"""Schedule maths of a worker: when the next snapshot is due.
 
 Pure logic on monotonic seconds, with the clock and random source injected,
 so that tests can check it without waiting.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -74,28 +74,3 @@ class Schedule:
         base = self.last_start if self.last_start is not None else now_mono
         self.frequency = frequency
         self.next_due = max(now_mono, base + frequency)
-
-
-@dataclass
-class Backoff:
-    """Exponential backoff with jitter, for reconnection attempts."""
-
-    initial: float = 1.0
-    factor: float = 2.0
-    maximum: float = 60.0
-    jitter: float = 0.1
-    rng: random.Random = field(default_factory=random.Random)
-    _current: float = 0.0
-
-    def next_delay(self) -> float:
-        self._current = (
-            self.initial if self._current == 0 else min(self._current * self.factor, self.maximum)
-        )
-        return self._current * (1 + self.rng.uniform(-self.jitter, self.jitter))
-
-    def reset(self) -> None:
-        self._current = 0.0
-
-    @property
-    def active(self) -> bool:
-        return self._current > 0

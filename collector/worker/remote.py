@@ -17,17 +17,11 @@ import time
 
 import psycopg
 
-from collector import repository
+from collector import pg
 from collector.errors import RemoteUnavailable
 from collector.logs import REDACTOR, one_line
-from collector.repository import (
-    KEEPALIVES,
-    Conn,
-    PowaExtension,
-    Server,
-    powa_extension,
-    set_lock_timeout,
-)
+from collector.pg import KEEPALIVES, Conn, PowaExtension, powa_extension, set_lock_timeout
+from collector.repository import Server
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +137,10 @@ class RemoteSession:
         """Shut the connection down under a statement blocked on a frozen server."""
         conn = self.conn
         if conn is not None:
-            repository.abort(conn)
+            pg.abort(conn)
 
     def cancel(self) -> None:
         """Cancel the statement running on the remote (from another thread)."""
         conn = self.conn
         if conn is not None:
-            repository.cancel(conn)
+            pg.cancel(conn)

@@ -1,9 +1,10 @@
-"""Commands from the control process to one worker, through Redis.
+"""Commands from the control process to one worker, through Redis: both ends.
 
-The control process pushes a JSON request on ``<prefix>:commands:N``
-and waits for the answer on the reply list it named.  The worker listens in
-a thread of its own (a blocking pop with a short timeout), so it answers
-while a snapshot runs, and wakes its main loop when there is work for it.
+The control process ``ask()``s: it pushes a JSON request on
+``<prefix>:commands:N`` and waits for the answer on the reply list it named.
+The worker runs a ``Listener`` thread (a blocking pop with a short timeout),
+so it answers while a snapshot runs; its handler wakes the main loop when
+there is work for it.
 
 Request: ``{"command": "force_snapshot", "reply_to": "<prefix>:reply:<token>"}``
 Answer:  ``{"status": "OK" | "ERROR", "data": "<text>"}``
@@ -13,15 +14,17 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import threading
 from collections.abc import Callable
 
 import redis
 import simplejson as json
 
-from collector.logs import one_line
-from collector.schedule import Backoff
-from collector.status import client, commands_key
+from collector.backoff import Backoff
+from collector.errors import ProtocolError
+from collector.keys import client, commands_key, program_name, reply_key
+from collector.logs import Outage, one_line
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +32,40 @@ log = logging.getLogger(__name__)
 REPLY_TTL = 30
 #: a blocked pop costs nothing; waking up often would, times hundreds of workers
 POP_TIMEOUT = 30
+#: a request no worker read by then is dropped by Redis
+REQUEST_TTL = 30
 
 Handler = Callable[[str], tuple[str, str]]
 
 
-class CommandListener(threading.Thread):
+def ask(connection: redis.Redis, prefix: str, srvid: int, command: str,
+        timeout: float) -> tuple[str, str]:
+    """Send ``command`` to worker ``srvid`` and wait for its (status, data) answer.
+
+    ProtocolError, with a reason for the requester, when Redis or the worker
+    does not answer in time.
+    """
+    reply_to = reply_key(prefix, secrets.token_hex(8))
+    request = json.dumps({"command": command, "reply_to": reply_to})
+    key = commands_key(prefix, srvid)
+    try:
+        with connection.pipeline(transaction=False) as pipe:
+            pipe.rpush(key, request)
+            # a worker that never reads it must not find it much later
+            pipe.expire(key, REQUEST_TTL)
+            pipe.execute()
+        reply = connection.blpop([reply_to], timeout=timeout)
+    except redis.RedisError as exc:
+        raise ProtocolError(f"cannot reach {program_name(srvid)} through Redis: "
+                            f"{one_line(exc)}") from None
+    if reply is None:
+        raise ProtocolError(f"{program_name(srvid)} did not answer within {timeout:.0f}s"
+                            " (stuck?)")
+    answer = json.loads(reply[1])
+    return str(answer["status"]), str(answer["data"])
+
+
+class Listener(threading.Thread):
     def __init__(self, url: str, prefix: str, srvid: int, handler: Handler) -> None:
         super().__init__(name=f"commands-{srvid}", daemon=True)
         # the socket timeout must outlast the blocking pop
@@ -43,7 +75,7 @@ class CommandListener(threading.Thread):
         self.handler = handler
         self._stopping = threading.Event()
         self._backoff = Backoff(initial=0.5, maximum=10.0)
-        self._failing = False
+        self._outage = Outage(log, "cannot read commands from Redis")
 
     def run(self) -> None:
         # requests queued for a previous life of this worker are stale
@@ -62,14 +94,9 @@ class CommandListener(threading.Thread):
         except redis.RedisError as exc:
             if self._stopping.is_set():
                 return None
-            if not self._failing:
-                log.warning("cannot read commands from Redis (will keep trying): %s",
-                            one_line(exc))
-                self._failing = True
+            self._outage.failed(exc)
             return False
-        if self._failing:
-            log.info("reading commands from Redis again")
-            self._failing = False
+        self._outage.recovered("reading commands from Redis again")
         self._backoff.reset()
         return result
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import redis
 
-from collector import fleet
 from collector.config import Config
 from collector.errors import SupervisorError
+from collector.fleet import files
+from collector.fleet.supervisord import Supervisor
+from collector.keys import STATUS_STOPPED, STATUS_STOPPING, client, loads, program_name, status_key
 from collector.logs import one_line
-from collector.status import STATUS_STOPPED, STATUS_STOPPING, client, loads, status_key
-from collector.supervisord import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,9 @@ class StatusBoard:
             return frozenset(), frozenset()
         with self._lock:
             if key != self._dirs_key:
-                available = fleet.available(self.cfg)
+                available = files.available(self.cfg)
                 self._servers = (frozenset(available),
-                                 frozenset(fleet.enabled(self.cfg) & available))
+                                 frozenset(files.enabled(self.cfg) & available))
                 fresh = time.time_ns() - max(key) < FRESH_NS
                 self._dirs_key = None if fresh else key
             return self._servers
@@ -140,7 +140,7 @@ class StatusBoard:
         now = time.time()
         views = []
         for server in ids:
-            process = processes.get(fleet.program_name(server)) if processes is not None else None
+            process = processes.get(program_name(server)) if processes is not None else None
             document = documents.get(server)
             if processes is None:
                 status = "unknown: supervisord unavailable"
@@ -166,7 +166,7 @@ class StatusBoard:
                 return supervisor.all_processes()
             infos = {}
             for srvid in wanted:
-                info = supervisor.process(fleet.program_name(srvid))
+                info = supervisor.process(program_name(srvid))
                 if info is not None:
                     infos[info["name"]] = info
             return infos

@@ -9,8 +9,8 @@ Exit status, for scripts:
 
 ========  ==============================================================
 status    0 every enabled worker is ``running``; 1 some are not;
-          3 supervisord or Redis could not be asked
-notify    0 answer ``OK``; 1 any other answer; 3 no answer in time
+          5 supervisord or Redis could not be asked
+notify    0 answer ``OK``; 1 any other answer; 5 no answer in time
 both      2 bad command line or configuration
 ========  ==============================================================
 """
@@ -28,13 +28,10 @@ import redis
 import simplejson as json
 
 from collector import config, daemon, logs
-from collector.board import DISABLED, StatusBoard, WorkerView
-from collector.client import Client
-from collector.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, FleetError
-from collector.status import STATUS_RUNNING
-
-#: the fleet could not be asked (supervisord, Redis or the repository away)
-EXIT_UNKNOWN = 3
+from collector.cli.client import Client
+from collector.control.board import DISABLED, StatusBoard, WorkerView
+from collector.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, FleetError
+from collector.keys import STATUS_RUNNING
 
 COLUMNS = ("id", "alias", "program", "status", "last snapshot", "duration", "last error")
 
@@ -85,7 +82,7 @@ def status(cfg: config.Config, args: argparse.Namespace) -> int:
         views = board.views(args.srvid)
     except (redis.RedisError, FleetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNKNOWN
+        return EXIT_UNAVAILABLE
     finally:
         board.close()
     rows = [row(view) for view in views]
@@ -97,7 +94,7 @@ def status(cfg: config.Config, args: argparse.Namespace) -> int:
         print(f"error: server {args.srvid} is not in the fleet", file=sys.stderr)
         return EXIT_FAILURE
     if any(v.status.startswith("unknown") for v in views):
-        return EXIT_UNKNOWN
+        return EXIT_UNAVAILABLE
     if any(v.status not in (STATUS_RUNNING, DISABLED) for v in views):
         return EXIT_FAILURE
     return EXIT_OK
@@ -109,11 +106,11 @@ def notify(cfg: config.Config, args: argparse.Namespace) -> int:
             answers = client.ask(args.command, args.args, timeout=args.timeout)
     except psycopg.Error as exc:
         print(f"error: cannot reach the repository: {logs.one_line(exc)}", file=sys.stderr)
-        return EXIT_UNKNOWN
+        return EXIT_UNAVAILABLE
     if not answers:
         print(f"error: no answer to {args.command} within {args.timeout}s: is the control "
               "process running?", file=sys.stderr)
-        return EXIT_UNKNOWN
+        return EXIT_UNAVAILABLE
     answer = answers[0]
     print(f"{answer.status} {answer.data}")
     return EXIT_OK if answer.status == "OK" else EXIT_FAILURE
@@ -140,9 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(args.config)
     except FleetError as exc:
-        for line in str(exc).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        return EXIT_CONFIG
+        return daemon.fatal("error", exc)
     logs.REDACTOR.add(*cfg.secrets())
     logs.setup("collector", "warning")
     return status(cfg, args) if args.action == "status" else notify(cfg, args)

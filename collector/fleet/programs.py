@@ -1,6 +1,6 @@
 """supervisord event listener: the state of every program of the fleet, pushed to Redis.
 
-    python -m collector.programs -c CFG      (run by supervisord as [eventlistener:programs])
+    python -m collector.fleet.programs -c CFG      (run by supervisord as [eventlistener:programs])
 
 supervisord tells it each PROCESS_STATE change, each group removed by an
 update (PROCESS_GROUP) and a TICK_5 every five seconds; it keeps
@@ -34,23 +34,13 @@ from supervisor import childutils
 
 from collector import config, daemon, logs
 from collector.errors import EXIT_OK, SupervisorError
-from collector.status import client
-from collector.supervisord import Supervisor
+from collector.fleet.supervisord import Supervisor
+from collector.keys import ALIVE_TTL, alive_key, client, programs_key
 
-log = logging.getLogger("collector.programs")
+log = logging.getLogger("collector.fleet.programs")
 
-#: a reader considers the table current while this key lives
-ALIVE_TTL = 20
 #: the table is read again from supervisord every this many ticks (of 5 s)
 RESYNC_TICKS = 12
-
-
-def programs_key(prefix: str) -> str:
-    return f"{prefix}:programs"
-
-
-def alive_key(prefix: str) -> str:
-    return f"{prefix}:programs:alive"
 
 
 def state_from_event(event: str, headers: dict[str, str]) -> tuple[str, dict[str, Any]] | None:
@@ -201,7 +191,7 @@ def serve(table: Table, stdin: TextIO, stdout: TextIO) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m collector.programs",
+    parser = argparse.ArgumentParser(prog="python -m collector.fleet.programs",
                                      description="supervisord event listener of a powa-fleet")
     daemon.config_argument(parser)
     args = parser.parse_args(argv)

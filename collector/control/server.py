@@ -10,7 +10,9 @@ collector page and its "Reload collector" button work unchanged:
   workers' status in Redis (see collector.board);
 * ``RELOAD`` (and SIGHUP): regenerate the program files, apply them to
   supervisord, SIGHUP the workers whose ``powa_servers`` row changed (and
-  those not ``running``, so they retry at once, as upstream does);
+  those not ``running``, so they retry at once, as upstream does); done in a
+  thread of its own (collector.control.reload), so that the loop goes on
+  answering while hundreds of programs stop or start;
 * ``FORCE_SNAPSHOT srvid``: asked to the worker itself through Redis;
 * ``REFRESH_DB_CAT``: validated, then refused (PoWA 4 has no catalogs).
 
@@ -24,31 +26,26 @@ from __future__ import annotations
 
 import argparse
 import logging
-import secrets
 import sys
 import time
 from collections.abc import Callable
 
 import psycopg
-import redis
-import simplejson as json
 from psycopg import sql
 
-from collector import config, daemon, fleet, logs, protocol, repository
-from collector.board import DISABLED, StatusBoard, WorkerView
-from collector.errors import EXIT_OK, FleetError, SupervisorError
-from collector.liveboard import LiveBoard
-from collector.protocol import ProtocolError, Request
-from collector.repository import Conn, PowaExtension, Server
-from collector.schedule import Backoff
-from collector.status import (
-    STATUS_NO_REMOTE,
-    STATUS_NO_REPOSITORY,
+from collector import config, daemon, logs, mailbox, repository
+from collector.backoff import Backoff
+from collector.control import protocol
+from collector.control.board import DISABLED, StatusBoard, WorkerView
+from collector.control.liveboard import LiveBoard
+from collector.control.protocol import Request
+from collector.control.reload import Reloader
+from collector.errors import EXIT_OK, FleetError, ProtocolError
+from collector.keys import (
     client,
-    commands_key,
-    reply_key,
+    program_name,
 )
-from collector.supervisord import Supervisor
+from collector.pg import Conn, PowaExtension
 from collector.wakeup import SignalFlags, Wakeup
 
 log = logging.getLogger("collector.control")
@@ -57,8 +54,9 @@ log = logging.getLogger("collector.control")
 WORKER_REPLY_TIMEOUT = 1.0
 #: the repository connection is checked this often when no notification comes
 HEALTH_CHECK = 10.0
-#: supervisord states with a worker process that read its row already
-ALIVE = ("STARTING", "RUNNING")
+#: the control stops within this (a reload under way is left to supervisord); the
+#: generated stopwaitsecs (collector.fleet.files.CONTROL_STOPWAIT) is above it
+STOP_GRACE = 5.0
 
 _PERMISSION_14 = sql.SQL(
     "SELECT pg_catalog.pg_has_role(a.usesysid, 'pg_signal_backend', 'USAGE')"
@@ -80,16 +78,13 @@ class Control:
         self.board = StatusBoard(cfg)
         self.live = LiveBoard(self.board)
         self.redis = client(cfg.redis.url, socket_timeout=WORKER_REPLY_TIMEOUT + 2)
+        self.reloader = Reloader(cfg, self.board, self.wakeup.notify)
         self.backoff = Backoff(initial=0.5, maximum=30.0)
         self.lost_at: float | None = None
         self.last_check = 0.0
-        #: fingerprint of every server row as last seen, to SIGHUP changed workers
-        self.fingerprints: dict[int, str] = {}
-        #: outcome of the reload done for the current batch of requests
-        self._reload_outcome: tuple[str, str] | None = None
         #: the last whole-fleet statuses from the live board, and their JSON
         self._fleet_answer: tuple[dict[int, str] | None, str] = (None, "")
-        self.handlers: dict[str, Callable[[Request], tuple[str, str]]] = {
+        self.handlers: dict[str, Callable[[Request], tuple[str, str] | None]] = {
             "RELOAD": self.do_reload,
             "WORKERS_STATUS": self.do_workers_status,
             "FORCE_SNAPSHOT": self.do_force_snapshot,
@@ -101,6 +96,7 @@ class Control:
         self.flags.install()
         log.info("starting")
         self.live.start()
+        self.reloader.start()
         try:
             while not self.flags.stop:
                 self._cycle()
@@ -114,7 +110,8 @@ class Control:
             return
         if self.flags.reload:
             self.flags.reload = False
-            self._reload_logged("SIGHUP")
+            log.info("SIGHUP: reloading")
+            self.reloader.request(None)
         try:
             self._serve()
         except psycopg.Error as exc:
@@ -128,6 +125,7 @@ class Control:
         ready = self.wakeup.wait(HEALTH_CHECK, [self.conn.fileno()])
         if self.flags.stop:
             return
+        self._send_reload_answers()
         if not ready and time.monotonic() - self.last_check >= HEALTH_CHECK:
             self.conn.execute("SELECT 1")
             self.last_check = time.monotonic()
@@ -145,8 +143,6 @@ class Control:
             batch = list(self.conn.notifies(timeout=0))
             if not batch:
                 return
-            # a burst of RELOADs is served by one reload
-            self._reload_outcome = None
             for notify in batch:
                 self.handle(notify.payload, notify.pid)
 
@@ -160,7 +156,6 @@ class Control:
             conn.autocommit = True
             self.powa = repository.require_powa(conn)
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(protocol.CHANNEL)))
-            servers = self._servers(conn) if not self.fingerprints else None
         except (psycopg.Error, FleetError) as exc:
             if conn is not None:
                 conn.close()
@@ -169,8 +164,6 @@ class Control:
             log.error("not listening on %s: %s", protocol.CHANNEL, logs.one_line(exc))
             return False
         self.conn = conn
-        if servers is not None:
-            self.fingerprints = _fingerprints(servers)
         self.backoff.reset()
         self.last_check = time.monotonic()
         if self.lost_at is not None:
@@ -195,6 +188,7 @@ class Control:
 
     def shutdown(self) -> None:
         daemon.teardown(log, [
+            ("reload", lambda: self.reloader.close(STOP_GRACE)),
             ("repository", lambda: self.conn.close() if self.conn else None),
             ("board", self.board.close),
             ("live board", self.live.close),
@@ -218,27 +212,36 @@ class Control:
         log.debug("request from pid %d: %r", pid, payload[:200])
         try:
             if self.allowed(pid):
-                status, data = self.dispatch(request)
+                outcome = self.dispatch(request)
             else:
-                status, data = "ERROR", "Permission denied"
+                outcome = "ERROR", "Permission denied"
         except Exception as exc:
             if self._broken():
                 raise
             log.exception("request %r failed", request.command[:40])
-            status, data = "ERROR", logs.one_line(exc)
-        if not request.answers:
-            return
+            outcome = "ERROR", logs.one_line(exc)
+        # None: answered later (a reload under way)
+        if outcome is not None and request.answers:
+            self.answer(request.channel, request.command, *outcome)
+
+    def answer(self, channel: str, command: str, status: str, data: str) -> None:
         try:
-            self.notify(request.channel, protocol.answer(request.command, status, data))
+            self.notify(channel, protocol.answer(command, status, data))
         except psycopg.Error as exc:
             if self._broken():
                 raise
-            log.warning("cannot answer on channel %r: %s", request.channel, logs.one_line(exc))
+            log.warning("cannot answer on channel %r: %s", channel, logs.one_line(exc))
+
+    def _send_reload_answers(self) -> None:
+        """Answers of reloads the reload thread finished (or that waited long enough)."""
+        while not self.reloader.outbox.empty():
+            channel, status, data = self.reloader.outbox.get_nowait()
+            self.answer(channel, "RELOAD", status, data)
 
     def _broken(self) -> bool:
         return self.conn is None or self.conn.closed or self.conn.broken
 
-    def dispatch(self, request: Request) -> tuple[str, str]:
+    def dispatch(self, request: Request) -> tuple[str, str] | None:
         handler = self.handlers.get(request.command)
         if handler is None:
             return "UNKNOWN", f'Message "{request.command[:100]}" invalid, command ignored'
@@ -289,15 +292,9 @@ class Control:
             self._fleet_answer = (statuses, data)
         return "OK", data
 
-    def do_reload(self, request: Request) -> tuple[str, str]:
-        if self._reload_outcome is None:
-            try:
-                self.reload()
-                self._reload_outcome = ("OK", "OK")
-            except (FleetError, SupervisorError) as exc:
-                log.error("reload failed: %s", exc)
-                self._reload_outcome = ("ERROR", logs.one_line(exc))
-        return self._reload_outcome
+    def do_reload(self, request: Request) -> None:
+        """Queued for the reload thread; a burst of RELOADs is served by one reload."""
+        self.reloader.request(request.channel if request.answers else None)
 
     def do_force_snapshot(self, request: Request) -> tuple[str, str]:
         srvid = protocol.parse_srvid(request.args)
@@ -305,26 +302,9 @@ class Control:
         if view.status == DISABLED:
             raise ProtocolError(f"Server id {srvid} is disabled (no symlink in workers_enabled/)")
         if view.program_state != "RUNNING":
-            raise ProtocolError(f"worker_{srvid} is not running ({view.status})")
-        token = secrets.token_hex(8)
-        reply_to = reply_key(self.cfg.redis.prefix, token)
-        request_text = json.dumps({"command": "force_snapshot", "reply_to": reply_to})
-        key = commands_key(self.cfg.redis.prefix, srvid)
-        try:
-            with self.redis.pipeline(transaction=False) as pipe:
-                pipe.rpush(key, request_text)
-                # a worker that never reads it must not find it much later
-                pipe.expire(key, 30)
-                pipe.execute()
-            reply = self.redis.blpop([reply_to], timeout=WORKER_REPLY_TIMEOUT)
-        except redis.RedisError as exc:
-            raise ProtocolError(f"cannot reach worker_{srvid} through Redis: "
-                                f"{logs.one_line(exc)}") from None
-        if reply is None:
-            raise ProtocolError(f"worker_{srvid} did not answer within "
-                                f"{WORKER_REPLY_TIMEOUT:.0f}s (stuck?)")
-        answer = json.loads(reply[1])
-        return str(answer["status"]), str(answer["data"])
+            raise ProtocolError(f"{program_name(srvid)} is not running ({view.status})")
+        return mailbox.ask(self.redis, self.cfg.redis.prefix, srvid, "force_snapshot",
+                           WORKER_REPLY_TIMEOUT)
 
     def do_refresh_db_cat(self, request: Request) -> tuple[str, str]:
         srvid, _ = protocol.parse_refresh_db_cat(request.args)
@@ -340,82 +320,6 @@ class Control:
         if not views:
             raise ProtocolError(f"Server id {srvid} not found")
         return views[0]
-
-    # ------------------------------------------------------------------ reload
-    def _servers(self, conn: Conn | None = None) -> list[Server]:
-        conn = conn or self.conn
-        assert conn is not None and self.powa is not None
-        return repository.list_servers(conn, self.powa)
-
-    def reload(self) -> None:
-        """Regenerate, apply to supervisord, tell changed workers to re-read their row."""
-        started = time.monotonic()
-        servers = self._servers()
-        report = fleet.generate(self.cfg, [s.srvid for s in servers])
-        supervisor = Supervisor(self.cfg.supervisor_socket)
-        # restarting itself from inside a request would kill this very request
-        applied = supervisor.apply(keep="control")
-        current = _fingerprints(servers)
-        changed = {s for s, fp in current.items()
-                   if s in self.fingerprints and self.fingerprints[s] != fp}
-        # only a worker that published its status has its SIGHUP handler in place (a
-        # starting one would die of it); it re-reads its row when changed, and retries
-        # its connections at once when it had lost them, as upstream's reload does
-        views = self.board.views()
-        listening = [view for view in views if _published(view)]
-        lost = (STATUS_NO_REMOTE, STATUS_NO_REPOSITORY)
-        wanted = [view.srvid for view in listening if view.srvid in changed or view.status in lost]
-        # a worker not running reads its row when it starts: nothing to tell it
-        reached = [view.srvid for view in views
-                   if view.srvid in changed and view.program_state not in ALIVE]
-        signalled: list[int] = []
-        try:
-            for srvid in wanted:
-                if supervisor.signal(fleet.program_name(srvid), "HUP"):
-                    signalled.append(srvid)
-        finally:
-            self.fingerprints = told(self.fingerprints, current, reached + signalled)
-        unreached = len(changed - set(reached) - set(signalled))
-        if unreached:
-            log.warning("%d worker(s) with a changed row could not be told now (not running,"
-                        " or no status in Redis): the next reload tells them", unreached)
-        log.info(
-            "reload done in %.2fs: %d new, %d removed, %d started, %d stopped, %d re-read",
-            time.monotonic() - started, len(report.added), len(report.removed),
-            len(applied.added), len(applied.removed), len(signalled),
-        )
-
-    def _reload_logged(self, why: str) -> None:
-        try:
-            self.reload()
-        except (FleetError, SupervisorError, psycopg.Error) as exc:
-            log.error("%s reload failed: %s", why, logs.one_line(exc))
-
-
-def _fingerprints(servers: list[Server]) -> dict[int, str]:
-    return {server.srvid: server.fingerprint() for server in servers}
-
-
-def told(previous: dict[int, str], current: dict[int, str],
-         reached: list[int]) -> dict[int, str]:
-    """The rows each worker is known to run with, once a reload ``reached`` these workers.
-
-    A changed row counts as known only once its worker got the SIGHUP (or
-    was not running, and reads it when it starts): one that could not be
-    told keeps its old fingerprint, so the next reload sees the change again
-    instead of forgetting it.
-    """
-    return {
-        srvid: previous[srvid]
-        if srvid in previous and previous[srvid] != fp and srvid not in reached else fp
-        for srvid, fp in current.items()
-    }
-
-
-def _published(view: WorkerView) -> bool:
-    """The running process of this program wrote its own status."""
-    return (view.program_state == "RUNNING" and view.document is not None
-            and view.document.get("pid") == view.pid)
 
 
 def main(argv: list[str] | None = None) -> int:

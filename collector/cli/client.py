@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from collector import protocol
-from collector.repository import Conn
+from collector.control import protocol
+from collector.pg import Conn
 
 
 @dataclass(frozen=True)

@@ -14,16 +14,14 @@ from dataclasses import dataclass
 
 import simplejson as json
 
+from collector.errors import ProtocolError
+
 CHANNEL = "powa_collector"
 NO_ANSWER = "-"
 #: PostgreSQL refuses NOTIFY payloads of 8000 bytes or more
 MAX_PAYLOAD = 7999
 #: NAMEDATALEN - 1: longer identifiers would be truncated by PostgreSQL
 MAX_CHANNEL = 63
-
-
-class ProtocolError(Exception):
-    """A request that cannot be served; the message is the answer's data."""
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,11 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from collector import config, fleet, sandbox
+from collector import config
+from collector.demo import sandbox
+from collector.fleet import files
 from collector.errors import SupervisorError
-from collector.supervisord import Supervisor
+from collector.fleet.supervisord import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = ROOT / "demo"
@@ -91,7 +93,7 @@ class Demo:
             sandbox.create_workload(remote, 300)
         self._write_files()
         cfg = config.load(self.cfg_path)
-        report = fleet.generate(cfg, range(1, REMOTES + 1))
+        report = files.generate(cfg, range(1, REMOTES + 1))
         say(f"fleet generated: {len(report.added)} workers, built in "
             f"{time.monotonic() - started:.1f}s")
 

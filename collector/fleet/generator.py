@@ -10,20 +10,22 @@ supervisord match, like ``supervisorctl update``.  ``--enable N`` and
 ``--disable N`` only manage one symlink (no repository needed) and apply it
 when supervisord runs.
 
-Exit status: 0 done; 2 the fleet could not be generated (configuration,
-repository, files); 1 generated but supervisord could not apply it.
+Exit status (collector.errors): 0 done; 2 bad configuration; 5 the
+repository or supervisord could not be asked (with ``--apply``, the files
+are written then); 1 the fleet files could not be written.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 import psycopg
 
-from collector import config, daemon, fleet, logs, repository
-from collector.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, FleetError, SupervisorError
-from collector.supervisord import Supervisor
+from collector import config, daemon, logs, repository
+from collector.errors import EXIT_OK, FleetError, RepositoryUnavailable, SupervisorError
+from collector.fleet import files
+from collector.fleet.supervisord import Supervisor
+from collector.keys import program_name
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,7 +51,7 @@ def collected_servers(cfg: config.Config) -> list[int]:
             powa = repository.require_powa(conn)
             return [server.srvid for server in repository.list_servers(conn, powa)]
     except psycopg.Error as exc:
-        raise FleetError(f"cannot read powa_servers: {logs.one_line(exc)}") from None
+        raise RepositoryUnavailable(f"cannot read powa_servers: {logs.one_line(exc)}") from None
 
 
 def apply(cfg: config.Config, required: bool) -> int:
@@ -61,8 +63,8 @@ def apply(cfg: config.Config, required: bool) -> int:
     try:
         report = Supervisor(cfg.supervisor_socket).apply()
     except SupervisorError as exc:
-        print(f"error: files written, but applying them failed: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return daemon.fatal("error", f"files written, but applying them failed: {exc}",
+                            exc.exit_code)
     for line in report.lines() or ["supervisord: nothing to change"]:
         print(line)
     return EXIT_OK
@@ -75,11 +77,11 @@ def run(args: argparse.Namespace) -> int:
     logs.setup("create_supervisord_config", "warning")
     toggle = args.enable if args.enable is not None else args.disable
     if toggle is not None:
-        changed = fleet.set_enabled(cfg, toggle, enable=args.enable is not None)
+        changed = files.set_enabled(cfg, toggle, enable=args.enable is not None)
         state = "enabled" if args.enable is not None else "disabled"
-        print(f"{fleet.program_name(toggle)}: {state}{'' if changed else ' already'}")
+        print(f"{program_name(toggle)}: {state}{'' if changed else ' already'}")
         return apply(cfg, required=args.apply)
-    report = fleet.generate(cfg, collected_servers(cfg))
+    report = files.generate(cfg, collected_servers(cfg))
     for line in report.lines():
         print(line)
     return apply(cfg, required=True) if args.apply else EXIT_OK
@@ -90,6 +92,4 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except FleetError as exc:
-        for line in str(exc).splitlines():
-            print(f"error: {logs.REDACTOR.redact(line)}", file=sys.stderr)
-        return EXIT_CONFIG
+        return daemon.fatal("error", exc)

@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from collector.errors import ConcurrentSnapshotError, RemoteUnavailable
+from collector.errors import ConcurrentSnapshotError, RemoteUnavailable, SnapshotAborted
 from collector.logs import one_line
-from collector.remote import RemoteSession
-from collector.repository import Conn, PowaExtension, record_errors, require_powa, save_versions
+from collector.pg import Conn, PowaExtension
+from collector.repository import record_errors, require_powa, save_versions
+from collector.worker.remote import RemoteSession
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,6 @@ class SnapshotResult:
     @property
     def error_count(self) -> int:
         return len(self.errors) + self.take_snapshot_errors
-
-
-class SnapshotAborted(Exception):
-    """The snapshot could not be stored at all; the message says why."""
 
 
 def _sources(repo: Conn, powa: PowaExtension, srvid: int) -> list[Source]:

@@ -7,7 +7,7 @@ WORKERS_STATUS for hundreds of servers without asking anyone:
 * ``<prefix>:heartbeat``: ``"<srvid> <pid>"``, each time a worker refreshes
   its status key without change;
 * ``<prefix>:programs``: supervisord's program states, from the event
-  listener (collector.programs), and its five-second ticks.
+  listener (collector.fleet.programs), and its five-second ticks.
 
 The thread subscribes first, then loads the current state (so nothing falls
 between the two), and after a lost connection does it again.  ``statuses()``
@@ -26,12 +26,20 @@ from typing import Any
 
 import redis
 
-from collector import fleet
-from collector.board import DISABLED, StatusBoard, derive_status
+from collector.backoff import Backoff
+from collector.control.board import DISABLED, StatusBoard, derive_status
+from collector.keys import (
+    ALIVE_TTL,
+    alive_key,
+    client,
+    heartbeat_channel,
+    loads,
+    program_name,
+    programs_key,
+    status_channel,
+    status_key,
+)
 from collector.logs import one_line
-from collector.programs import ALIVE_TTL, alive_key, programs_key
-from collector.schedule import Backoff
-from collector.status import client, heartbeat_channel, loads, status_channel, status_key
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +112,7 @@ class LiveBoard(threading.Thread):
             if srvid not in enabled:
                 result[srvid] = DISABLED
                 continue
-            info = programs.get(fleet.program_name(srvid))
+            info = programs.get(program_name(srvid))
             process = None if info is None else {
                 "statename": info.get("state"), "pid": info.get("pid"), "start": info.get("since"),
             }

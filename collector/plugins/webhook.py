@@ -39,8 +39,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import simplejson as json
 
 from collector import logs
+from collector.backoff import Backoff
 from collector.plugins import Event, Plugin, integer, number
-from collector.schedule import Backoff
 
 log = logging.getLogger(__name__)
 

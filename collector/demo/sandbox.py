@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from collector.repository import Conn
+from collector.pg import Conn
 
 PG_BIN = Path(os.environ.get("POWA_FLEET_PG_BIN", "/usr/lib/postgresql/15/bin"))
 REDIS_SERVER = os.environ.get("POWA_FLEET_REDIS_SERVER", "redis-server")

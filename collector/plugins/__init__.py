@@ -1,7 +1,9 @@
 """Plugins: event hooks of the workers, contained so they never touch a snapshot.
 
-A plugin is a module of the top-level ``plugins/`` folder (or any importable
-dotted module path) defining one subclass of ``Plugin``.  It is loaded only
+A plugin is a module defining one subclass of ``Plugin``: a plugin shipped
+with powa-fleet (this package: ``webhook``, ``command``), a module of the
+``plugins/`` folder beside the configuration file (an operator's own), or
+any importable dotted module path.  It is loaded only
 when named in ``[plugins] enabled`` and is configured by its own
 ``[plugin:NAME]`` section, validated at start with the same clear errors as
 the rest of the configuration.
@@ -43,7 +45,8 @@ from collector.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-PLUGINS_DIR = Path(__file__).resolve().parent.parent / "plugins"
+#: plugins shipped with powa-fleet, importable as collector.plugins.NAME
+SHIPPED = ("webhook", "command")
 HOOKS = ("snapshot_done", "snapshot_failed", "status_changed")
 QUEUE_SIZE = 100
 
@@ -284,12 +287,15 @@ class PluginDispatcher(Dispatcher):
             runner.close_plugin()
 
 
-def _import(name: str) -> ModuleType:
+def _import(name: str, directory: Path) -> ModuleType:
+    """A dotted path, a shipped plugin, or ``directory/plugins/NAME.py`` (in that order)."""
     if "." in name:
         return importlib.import_module(name)
-    path = PLUGINS_DIR / f"{name}.py"
+    if name in SHIPPED:
+        return importlib.import_module(f"{__name__}.{name}")
+    path = directory / "plugins" / f"{name}.py"
     if not path.is_file():
-        raise ImportError(f"no file {path}")
+        raise ImportError(f"no shipped plugin of that name, and no file {path}")
     module_name = f"powa_fleet_plugins.{name}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
@@ -322,7 +328,7 @@ def load_plugins(cfg: Config) -> list[Plugin]:
     for name in cfg.plugins.enabled:
         section = f"plugin:{name}"
         try:
-            cls = plugin_class(_import(name))
+            cls = plugin_class(_import(name, cfg.directory))
         except (Exception, SystemExit) as exc:
             # SystemExit too: a module calling sys.exit() on import is just as broken
             problems.append(

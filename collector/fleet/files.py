@@ -30,7 +30,8 @@ from pathlib import Path
 
 from collector.config import Config
 from collector.errors import EXPECTED_EXIT_CODES, ConfigError, FleetError
-from collector.supervisord import MAX_SOCKET_PATH
+from collector.fleet.supervisord import MAX_SOCKET_PATH
+from collector.keys import CONTROL, LISTENER, program_name
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ FILE_MODE = 0o600
 DIR_MODE = 0o700
 #: supervisord waits this much longer than the worker's own grace period
 STOP_MARGIN = 15
+#: the control stops within its own grace (see collector.control.server.STOP_GRACE) plus margin
+CONTROL_STOPWAIT = 20
 LOG_MAXBYTES = "10MB"
 LOG_BACKUPS = 3
 HEADER = """\
@@ -46,10 +49,6 @@ HEADER = """\
 ; rewritten on every run.  Enable or disable it with the symlink in
 ; workers_enabled/ (or --enable / --disable).
 """
-
-
-def program_name(srvid: int) -> str:
-    return f"worker_{srvid}"
 
 
 def worker_file(cfg: Config, srvid: int) -> Path:
@@ -191,13 +190,13 @@ def render_supervisord(cfg: Config, python: str, workers: int) -> str:
         "[supervisorctl]",
         f"serverurl = unix://{_value(str(cfg.supervisor_socket))}",
         "",
-        *_program(cfg, python, "control", "collector.control", stopwaitsecs=20),
+        *_program(cfg, python, CONTROL, "collector.control", stopwaitsecs=CONTROL_STOPWAIT),
         # started before the workers, stopped after them
         "priority = 900",
         "",
         # program states pushed to Redis: the control process answers from them
-        "[eventlistener:programs]",
-        "command = " + _command(python, "-m", "collector.programs", "-c", str(cfg.path)),
+        f"[eventlistener:{LISTENER}]",
+        "command = " + _command(python, "-m", "collector.fleet.programs", "-c", str(cfg.path)),
         f"directory = {_value(str(d))}",
         "events = PROCESS_STATE,PROCESS_GROUP,TICK_5",
         # every program's start and stop is an event: room for a whole fleet's

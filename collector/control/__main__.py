@@ -1,0 +1,7 @@
+"""python -m collector.control -c CFG"""
+
+import sys
+
+from collector.control.server import main
+
+sys.exit(main())

@@ -1,0 +1,219 @@
+"""RELOAD, off the NOTIFY loop: regenerate the fleet, apply it to supervisord, tell workers.
+
+One thread runs reloads one at a time.  Requests that arrive while one runs
+are queued and served together by the next run (never lost, never two at
+once).  A run has two phases:
+
+* plan: read ``powa_servers``, write the program files, let supervisord
+  re-read them (``reloadConfig``): now the difference is known, or the
+  reason it cannot be applied;
+* execute: stop removed and changed programs (waiting for their snapshots to
+  end), add new ones, SIGHUP the workers whose row changed.
+
+The requesters are answered when the run is done, or ``ANSWER_WITHIN``
+seconds after their request if the plan succeeded and execution goes on
+(powa-web waits 1-3 s; what remains is logged, and ``status`` shows it).
+A failed plan answers ``ERROR`` with the reason.  The answers go back to
+the NOTIFY loop through ``outbox``; only that loop talks on its connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+
+from collector import logs, repository
+from collector.config import Config
+from collector.control.board import StatusBoard, WorkerView
+from collector.errors import FleetError
+from collector.fleet import files
+from collector.fleet.supervisord import ApplyReport, Supervisor
+from collector.keys import CONTROL, STATUS_NO_REMOTE, STATUS_NO_REPOSITORY, program_name
+from collector.repository import Server
+
+log = logging.getLogger("collector.control")
+
+#: answer a RELOAD whose plan succeeded at the latest this long after it was asked
+ANSWER_WITHIN = 1.0
+#: supervisord states with a worker process that read its row already
+ALIVE = ("STARTING", "RUNNING")
+
+#: who asked: the response channel, None for a SIGHUP or a request wanting no answer
+Requester = str | None
+Answer = tuple[str, str, str]
+
+
+@dataclass
+class _Run:
+    requesters: list[Requester]
+    asked_at: float
+    answered: bool = False
+
+
+class Reloader(threading.Thread):
+    def __init__(self, cfg: Config, board: StatusBoard, notify: Callable[[], None]) -> None:
+        super().__init__(name="reload", daemon=True)
+        self.cfg = cfg
+        self.board = board
+        self.notify = notify
+        #: (channel, status, data) answers for the NOTIFY loop to send
+        self.outbox: queue.SimpleQueue[Answer] = queue.SimpleQueue()
+        self.cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._queued: list[Requester] = []
+        self._queued_at = 0.0
+        self._wake = threading.Event()
+        self._answer_lock = threading.Lock()
+        #: fingerprint of every server row as last told to its worker
+        self.fingerprints: dict[int, str] = {}
+        #: a run is under way (for tests and the operator)
+        self.busy = threading.Event()
+
+    def request(self, requester: Requester) -> None:
+        """Queue a reload for ``requester`` (answered later, through ``outbox``)."""
+        with self._lock:
+            if not self._queued:
+                self._queued_at = time.monotonic()
+            self._queued.append(requester)
+        self._wake.set()
+
+    def close(self, timeout: float) -> None:
+        """Stop: a run under way stops waiting for programs (supervisord goes on)."""
+        self.cancel.set()
+        self._wake.set()
+        if self.is_alive():
+            self.join(timeout)
+
+    def run(self) -> None:
+        self.fingerprints = self._baseline()
+        while not self.cancel.is_set():
+            self._wake.wait()
+            with self._lock:
+                self._wake.clear()
+                run = _Run(self._queued, self._queued_at)
+                self._queued = []
+            if run.requesters and not self.cancel.is_set():
+                self.busy.set()
+                try:
+                    self._serve(run)
+                finally:
+                    self.busy.clear()
+
+    def _serve(self, run: _Run) -> None:
+        started = time.monotonic()
+        try:
+            servers, generated, supervisor, planned = self._plan()
+        except (FleetError, psycopg.Error) as exc:
+            log.error("reload failed: %s", logs.one_line(exc))
+            self._answer(run, "ERROR", logs.one_line(exc))
+            return
+        timer = threading.Timer(max(0.0, run.asked_at + ANSWER_WITHIN - time.monotonic()),
+                                self._answer, (run, "OK", "OK"))
+        timer.daemon = True
+        timer.start()
+        try:
+            supervisor.execute(planned, self.cancel)
+            signalled = self._tell_workers(supervisor, servers)
+        except FleetError as exc:
+            log.error("reload failed while applying: %s", logs.one_line(exc))
+            timer.cancel()
+            self._answer(run, "ERROR", logs.one_line(exc))
+            return
+        timer.cancel()
+        self._answer(run, "OK", "OK")
+        log.info(
+            "reload done in %.2fs: %d new, %d removed, %d started, %d stopped, %d re-read",
+            time.monotonic() - started, len(generated.added), len(generated.removed),
+            len(planned.added), len(planned.removed), len(signalled),
+        )
+
+    def _plan(self) -> tuple[list[Server], files.Report, Supervisor, ApplyReport]:
+        servers = self._servers()
+        generated = files.generate(self.cfg, [s.srvid for s in servers])
+        supervisor = Supervisor(self.cfg.supervisor_socket)
+        # restarting itself from inside a request would kill this very request
+        return servers, generated, supervisor, supervisor.plan(keep=CONTROL)
+
+    def _answer(self, run: _Run, status: str, data: str) -> None:
+        """Answer every requester of a run, once (the timer and the run race for it)."""
+        with self._answer_lock:
+            if run.answered:
+                return
+            run.answered = True
+        for channel in run.requesters:
+            if channel is not None:
+                self.outbox.put((channel, status, data))
+        self.notify()
+
+    def _servers(self) -> list[Server]:
+        with repository.session(self.cfg.repository.dsn, "control reload",
+                                self.cfg.repository.connect_timeout) as conn:
+            return repository.list_servers(conn, repository.require_powa(conn))
+
+    def _baseline(self) -> dict[int, str]:
+        """The rows as the running workers read them at their start, near enough."""
+        try:
+            return fingerprints(self._servers())
+        except (FleetError, psycopg.Error) as exc:
+            log.warning("cannot read powa_servers yet: %s", logs.one_line(exc))
+            return {}
+
+    def _tell_workers(self, supervisor: Supervisor, servers: list[Server]) -> list[int]:
+        """SIGHUP the workers whose row changed, and those that lost a connection."""
+        current = fingerprints(servers)
+        changed = {s for s, fp in current.items()
+                   if s in self.fingerprints and self.fingerprints[s] != fp}
+        # only a worker that published its status has its SIGHUP handler in place (a
+        # starting one would die of it); it re-reads its row when changed, and retries
+        # its connections at once when it had lost them, as upstream's reload does
+        views = self.board.views()
+        lost = (STATUS_NO_REMOTE, STATUS_NO_REPOSITORY)
+        wanted = [view.srvid for view in views
+                  if _published(view) and (view.srvid in changed or view.status in lost)]
+        # a worker not running reads its row when it starts: nothing to tell it
+        reached = [view.srvid for view in views
+                   if view.srvid in changed and view.program_state not in ALIVE]
+        signalled: list[int] = []
+        try:
+            for srvid in wanted:
+                if supervisor.signal(program_name(srvid), "HUP"):
+                    signalled.append(srvid)
+        finally:
+            self.fingerprints = told(self.fingerprints, current, reached + signalled)
+        unreached = len(changed - set(reached) - set(signalled))
+        if unreached:
+            log.warning("%d worker(s) with a changed row could not be told now (not running,"
+                        " or no status in Redis): the next reload tells them", unreached)
+        return signalled
+
+
+def fingerprints(servers: list[Server]) -> dict[int, str]:
+    return {server.srvid: server.fingerprint() for server in servers}
+
+
+def told(previous: dict[int, str], current: dict[int, str],
+         reached: list[int]) -> dict[int, str]:
+    """The rows each worker is known to run with, once a reload ``reached`` these workers.
+
+    A changed row counts as known only once its worker got the SIGHUP (or
+    was not running, and reads it when it starts): one that could not be
+    told keeps its old fingerprint, so the next reload sees the change again
+    instead of forgetting it.
+    """
+    return {
+        srvid: previous[srvid]
+        if srvid in previous and previous[srvid] != fp and srvid not in reached else fp
+        for srvid, fp in current.items()
+    }
+
+
+def _published(view: WorkerView) -> bool:
+    """The running process of this program wrote its own status."""
+    return (view.program_state == "RUNNING" and view.document is not None
+            and view.document.get("pid") == view.pid)

@@ -1,0 +1,87 @@
+"""How a worker tells the world: its status document in Redis, and events to the plugins.
+
+The loop decides what the status is; the reporter logs its changes, hands
+the document to the publishing thread, and emits ``status_changed``,
+``snapshot_done`` and ``snapshot_failed`` to the plugins.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from collector.config import Config
+from collector.keys import STATUS_STOPPED
+from collector.plugins import Dispatcher
+from collector.worker.gate import ForceGate
+from collector.worker.publisher import StatusPublisher
+from collector.worker.schedule import Schedule
+from collector.worker.snapshot import SnapshotResult
+from collector.worker.state import ServerState, result_fields
+
+log = logging.getLogger("collector.worker")
+
+
+class Reporter:
+    def __init__(self, state: ServerState, gate: ForceGate, events: Dispatcher) -> None:
+        self.state = state
+        self.gate = gate
+        self.events = events
+        self.schedule: Schedule | None = None
+        self.publisher: StatusPublisher | None = None
+        self.last_status: str | None = None
+
+    def start(self, cfg: Config) -> None:
+        """Publish from now on (a ``--once`` run never does: a running worker owns the key)."""
+        self.publisher = StatusPublisher(cfg.redis.url, cfg.redis.prefix, self.state.srvid,
+                                         cfg.redis.status_ttl)
+        self.publisher.start()
+
+    def document(self, status: str) -> dict[str, Any]:
+        return self.state.document(status, self.gate.view(), self.schedule, time.monotonic())
+
+    def publish(self, status: str) -> None:
+        """The current status to Redis; a change is logged and told to the plugins."""
+        if status != self.last_status:
+            if self.last_status is not None:
+                log.info("status: %s -> %s", self.last_status, status)
+                self.events.emit("status_changed", {
+                    **self.state.event(status), "previous_status": self.last_status,
+                })
+            self.last_status = status
+        self.quick(status)
+
+    def quick(self, status: str) -> None:
+        """Hand a document to the publishing thread only (safe from any thread)."""
+        if self.publisher is not None:
+            self.publisher.update(self.document(status))
+
+    def error(self, text: str) -> None:
+        """Record an error, logged once while it stays the same."""
+        if self.state.error(text):
+            log.error("%s", self.state.last_error)
+
+    def snapshot(self, result: SnapshotResult | None, status: str) -> None:
+        """Account for a snapshot that ended, tell the plugins, publish."""
+        for error in self.state.account(result):
+            log.error("%s", error)
+        fields = result_fields(result) if result is not None else {}
+        if result is not None and result.outcome != "failed":
+            log.info(
+                "snapshot of server %d stored in %.3fs (%d rows, %d errors)",
+                self.state.srvid, result.duration, sum(result.rows.values()),
+                result.error_count,
+            )
+            self.events.emit("snapshot_done", {**self.state.event(status), **fields})
+        else:
+            self.events.emit("snapshot_failed", {**self.state.event(status), **fields,
+                                                 "error": self.state.last_error})
+        self.publish(status)
+
+    def close(self) -> None:
+        """The final ``stopped`` status (plugins hear of it before they are closed)."""
+        if self.state.server is not None and self.publisher is not None:
+            self.publish(STATUS_STOPPED)
+        if self.publisher is not None:
+            self.publisher.close(self.document(STATUS_STOPPED))
