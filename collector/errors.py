@@ -59,6 +59,12 @@ class ConfigError(FleetError):
         super().__init__("\n".join(self.problems))
 
 
+class UsageError(FleetError):
+    """The command line asks for something that cannot be (a server not in the fleet)."""
+
+    exit_code = EXIT_CONFIG
+
+
 class UnknownServerError(FleetError):
     """The requested server id is not a remote server of ``powa_servers``."""
 

@@ -165,11 +165,12 @@ class Fleet:
             raw = client.get(f"{self.prefix}:worker:{srvid}")
         return json.loads(raw) if raw else None
 
-    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, timeout: float = 60,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run a program of the project (argv after the interpreter) and wait for it."""
         return subprocess.run(
             [PYTHON, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-            check=False,
+            check=False, env=env,
         )
 
     def generate(self, *args: str) -> subprocess.CompletedProcess[str]:

@@ -53,9 +53,10 @@ class _Seen:
 
 
 class LiveBoard(threading.Thread):
-    def __init__(self, direct: StatusBoard) -> None:
+    def __init__(self, direct: StatusBoard, alive_ttl: float = ALIVE_TTL) -> None:
         super().__init__(name="live-board", daemon=True)
         self.direct = direct
+        self.alive_ttl = alive_ttl
         self.cfg = direct.cfg
         prefix = self.cfg.redis.prefix
         self.redis = client(self.cfg.redis.url, socket_timeout=5.0)
@@ -85,7 +86,7 @@ class LiveBoard(threading.Thread):
         now_mono = time.monotonic()
         available, enabled = self.direct.servers()
         with self._lock:
-            if not self._synced or now_mono - self._programs_seen > ALIVE_TTL:
+            if not self._synced or now_mono - self._programs_seen > self.alive_ttl:
                 return None
             key = (self._version, int(now_mono), available, enabled)
             if key == self._cache_key:

@@ -4,9 +4,11 @@ One thread runs reloads one at a time.  Requests that arrive while one runs
 are queued and served together by the next run (never lost, never two at
 once).  A run has two phases:
 
-* plan: read ``powa_servers``, write the program files, let supervisord
-  re-read them (``reloadConfig``): now the difference is known, or the
-  reason it cannot be applied;
+* plan: read ``collector.cfg`` again (a bad one is refused: ``RELOAD ERROR``
+  with the reason, and everything keeps running as it is), read
+  ``powa_servers``, write the program files, let supervisord re-read them
+  (``reloadConfig``): now the difference is known, or the reason it cannot
+  be applied;
 * execute: stop removed and changed programs (waiting for their snapshots to
   end), add new ones, SIGHUP the workers whose row changed.
 
@@ -28,10 +30,10 @@ from dataclasses import dataclass
 
 import psycopg
 
-from collector import logs, repository
+from collector import config, logs, repository
 from collector.config import Config
 from collector.control.board import StatusBoard, WorkerView
-from collector.errors import FleetError
+from collector.errors import ConfigError, FleetError
 from collector.fleet import files
 from collector.fleet.supervisord import ApplyReport, Supervisor
 from collector.keys import CONTROL, STATUS_NO_REMOTE, STATUS_NO_REPOSITORY, program_name
@@ -134,11 +136,35 @@ class Reloader(threading.Thread):
         )
 
     def _plan(self) -> tuple[list[Server], files.Report, Supervisor, ApplyReport]:
+        self._reread_config()
         servers = self._servers()
         generated = files.generate(self.cfg, [s.srvid for s in servers])
         supervisor = Supervisor(self.cfg.supervisor_socket)
         # restarting itself from inside a request would kill this very request
         return servers, generated, supervisor, supervisor.plan(keep=CONTROL)
+
+    def _reread_config(self) -> None:
+        """The configuration as it is now on disk; ConfigError (nothing changed) if invalid.
+
+        What the programs' files are made of (paths, stop grace, the web UI) is
+        taken at once; settings the control itself runs with (the repository's
+        and Redis's addresses) wait for its restart, and the log says so.
+        """
+        try:
+            fresh = config.load(self.cfg.path)
+        except ConfigError as exc:
+            raise ConfigError([f"configuration refused, nothing changed: {exc.problems[0]}"
+                               + (f" (and {len(exc.problems) - 1} more problems)"
+                                  if len(exc.problems) > 1 else "")]) from None
+        for name in ("repository", "redis"):
+            if getattr(fresh, name) != getattr(self.cfg, name):
+                log.warning("needs restart: [%s] changed, the control takes it at its next"
+                            " restart (supervisorctl restart control)", name)
+        if fresh.supervisor != self.cfg.supervisor:
+            log.warning("needs restart: [supervisor] changed, supervisord takes it when it"
+                        " is restarted (the whole fleet restarts with it)")
+        logs.REDACTOR.add(*fresh.secrets())
+        self.cfg = fresh
 
     def _answer(self, run: _Run, status: str, data: str) -> None:
         """Answer every requester of a run, once (the timer and the run race for it)."""

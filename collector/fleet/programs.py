@@ -79,17 +79,18 @@ class Table:
         self.failing = False
         self.ticks = 0
 
-    def seed(self) -> None:
+    def seed(self) -> bool:
         """The whole table from supervisord: at start, every minute, after a Redis outage.
 
         supervisord's answer is newer than every event received so far (events
-        still queued for this listener come after it, in order).
+        still queued for this listener come after it, in order).  False when
+        supervisord could not be asked.
         """
         try:
             processes = Supervisor(self.cfg.supervisor_socket, timeout=30).all_processes()
         except SupervisorError as exc:
             log.warning("cannot read the process table: %s", exc)
-            return
+            return False
         now = round(time.time(), 3)
         seeded = {
             name: {"state": str(info["statename"]), "pid": int(info["pid"] or 0),
@@ -103,13 +104,14 @@ class Table:
         self.states = seeded
         self.seeded = True
         self.flush()
+        return True
 
     def tick(self) -> None:
         """Every five seconds: readers learn the table is kept current."""
         self.ticks += 1
-        if not self.seeded or self.ticks % RESYNC_TICKS == 0:
-            self.seed()
-        else:
+        resync = not self.seeded or self.ticks % RESYNC_TICKS == 0
+        if not (resync and self.seed()):
+            # without supervisord's table, what the events said is still worth writing
             self.flush()
         if not self.failing:
             try:

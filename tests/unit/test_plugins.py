@@ -283,7 +283,8 @@ def test_command_settings_are_validated(tmp_path: Path) -> None:
 
 def test_a_plugin_that_cannot_be_imported_is_a_config_error(tmp_path: Path) -> None:
     (found,) = problems(tmp_path, "nosuch")
-    assert found.startswith("[plugins] enabled: cannot load plugin 'nosuch': ImportError: no file")
+    assert found.startswith("[plugins] enabled: cannot load plugin 'nosuch': ImportError: no "
+                           "shipped plugin of that name, and no file")
     (found,) = problems(tmp_path, "tests.no_such_module")
     assert found == ("[plugins] enabled: cannot load plugin 'tests.no_such_module': "
                      "ModuleNotFoundError: No module named 'tests.no_such_module'")

@@ -97,5 +97,8 @@ def test_workers_status_always_fits_and_is_valid_json(statuses: dict[int, str], 
 @given(st.text(max_size=9000))
 def test_parse_never_fails(payload: str) -> None:
     request = protocol.parse(payload, 1)
-    assert isinstance(request.command, str)
-    assert all(arg and " " not in arg for arg in request.args)
+    fields = [field for field in payload.split(" ") if field]
+    # nothing lost, nothing invented: the fields are the payload's, in order
+    assert [request.command, request.channel, *request.args][: len(fields)] == fields
+    assert request.command == (fields[0] if fields else "")
+    assert request.answers == (len(fields) > 1 and fields[1] != protocol.NO_ANSWER)

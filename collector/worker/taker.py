@@ -1,0 +1,71 @@
+"""One snapshot of a worker's server, in one repository session, under the watchdog.
+
+What fails is handed to ``Failures`` (status, retries, powa-web's errors);
+``take()`` returns the stored result, or None.
+"""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+
+from collector import repository
+from collector.config import Config
+from collector.errors import (
+    ConcurrentSnapshotError,
+    RemoteUnavailable,
+    RepositoryUnavailable,
+    SnapshotAborted,
+)
+from collector.worker.failures import Failures
+from collector.worker.link import RemoteLink
+from collector.worker.snapshot import Snapshot, SnapshotResult
+from collector.worker.watchdog import Watchdog
+
+#: the repository part of a snapshot gets this long (or ten periods) before it is cancelled:
+#: a big aggregation may take long, a repository that never answers must not stall a worker
+REPOSITORY_BUDGET = 600.0
+
+
+def repository_budget(frequency: int) -> float:
+    """Seconds the repository part of a snapshot may take before it is cancelled."""
+    return max(10.0 * frequency, REPOSITORY_BUDGET)
+
+
+class Taker:
+    def __init__(self, cfg: Config, link: RemoteLink, watchdog: Watchdog,
+                 failures: Failures) -> None:
+        self.cfg = cfg
+        self.link = link
+        self.watchdog = watchdog
+        self.failures = failures
+        self.state = failures.state
+
+    def take(self, frequency: int) -> SnapshotResult | None:
+        try:
+            return self._store(frequency)
+        except RemoteUnavailable as exc:
+            self.failures.remote(f"snapshot failed, remote server lost: {exc}", report=True)
+        except RepositoryUnavailable as exc:
+            self.failures.repository(f"snapshot failed: {exc}")
+        except (SnapshotAborted, ConcurrentSnapshotError) as exc:
+            self.failures.snapshot(exc, repository_lost=False)
+        return None
+
+    def _store(self, frequency: int) -> SnapshotResult | None:
+        assert self.link.session is not None
+        srvid = self.state.srvid
+        self.watchdog.arm(self.link.session, time.monotonic() + repository_budget(frequency))
+        with repository.session(self.cfg.repository.dsn, f"worker {srvid}",
+                                self.cfg.repository.connect_timeout) as repo:
+            self.watchdog.watch_repository(repo)
+            snapshot = Snapshot(repo, self.link.session, srvid, budget=frequency,
+                                guard=self.watchdog, clear_stale=self.state.snapshots_ok == 0)
+            try:
+                result = snapshot.run()
+            except psycopg.Error as exc:
+                self.failures.snapshot(exc, repository_lost=repo.broken)
+                return None
+        self.state.repository_down = False
+        return result
