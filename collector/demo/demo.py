@@ -33,11 +33,12 @@ from psycopg import sql
 
 from collector import config
 from collector.demo import sandbox
-from collector.fleet import files
 from collector.errors import SupervisorError
+from collector.fleet import files
 from collector.fleet.supervisord import Supervisor
 
-ROOT = Path(__file__).resolve().parent.parent
+#: the checkout (collector/demo/demo.py is two levels down)
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = ROOT / "demo"
 REMOTES = 3
 
@@ -150,6 +151,9 @@ redirect_stderr = true
             [str(Path(sys.executable).parent / "supervisord"), "-n", "-c",
              str(self.dir / "supervisord.conf")],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, start_new_session=True,
+            # supervisord applies its own umask only when it daemonizes: with -n,
+            # the log files it creates would be 0644
+            umask=0o077,
         )
         stop = {"asked": False}
 
