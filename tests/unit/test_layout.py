@@ -15,16 +15,18 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "collector"
-SIDES = ("worker", "control", "fleet", "cli", "demo", "plugins")
+SIDES = ("worker", "control", "fleet", "cli", "demo", "plugins", "metrics")
 #: the rooms each room may import from, besides itself
 ALLOWED = {
     "shared": {"shared"},
     "plugins": {"shared"},
     "worker": {"shared", "plugins"},
     "fleet": {"shared"},
+    # the Prometheus endpoint reads Redis only
+    "metrics": {"shared"},
     "control": {"shared", "fleet"},
     "cli": {"shared", "fleet", "control"},
-    "demo": {"shared", "fleet", "control", "cli", "worker", "plugins"},
+    "demo": {"shared", "fleet", "control", "cli", "worker", "plugins", "metrics"},
 }
 
 
