@@ -8,11 +8,12 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 APT_PACKAGES := postgresql-15 postgresql-15-powa postgresql-15-pg-stat-kcache \
-	postgresql-15-pg-qualstats redis-server python3-venv
+	postgresql-15-pg-qualstats redis-server python3-venv \
+	libpq-dev gcc python3-dev prometheus
 
-.PHONY: test lint unit demo demo-clean bench system-deps runtime dev clean
+.PHONY: test lint unit demo demo-clean bench system-deps runtime dev clean bytecode powa5
 
-test: dev
+test: dev powa5
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
@@ -21,12 +22,18 @@ lint: dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+# PostgreSQL 17 + PoWA 5 for the tests: a Debian 13 tree built once (cached in
+# /var/cache/powa-fleet/trixie), or nothing on a host with PoWA 5 packages
+powa5:
+	scripts/powa5-tree.sh
+
 # fast tests of pure logic, no services
 unit: dev
 	$(VENV)/bin/pytest tests/unit
 
-demo: runtime
-	$(VPY) -m collector.demo
+# POWA=5: a PoWA 5 fleet (PostgreSQL 17 from Debian 13, see the powa5 target)
+demo: runtime $(if $(filter 5,$(POWA)),powa5)
+	$(VPY) -m collector.demo $(if $(POWA),--powa $(POWA))
 
 demo-clean: runtime
 	$(VPY) -m collector.demo --clean
@@ -46,7 +53,12 @@ system-deps:
 	fi
 
 # what the fleet runs with (the demo needs no more)
-runtime: system-deps $(VENV)/.runtime
+runtime: system-deps $(VENV)/.runtime bytecode
+
+# an editable install is never byte-compiled, and with PYTHONDONTWRITEBYTECODE set
+# every worker would compile the package from source at each start
+bytecode:
+	@$(VPY) -m compileall -q collector
 # plus the test and lint tools
 dev: runtime $(VENV)/.dev
 

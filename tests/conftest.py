@@ -21,6 +21,7 @@ import pytest
 
 from collector.demo import sandbox
 from collector.fleet.supervisord import Supervisor
+from tests import powa5
 from tests.helpers import PYTHON, ROOT, Fleet, Repo, wait_for
 
 #: statements created on the first remote; the others get a light workload
@@ -147,6 +148,8 @@ def start_supervisord(fleet: Fleet) -> Supervisord:
         [str(Path(PYTHON).parent / "supervisord"), "-n", "-c",
          str(fleet.directory / "supervisord.conf")],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        # as the demo and the systemd unit do: supervisord -n keeps its caller's umask
+        umask=0o077,
     )
     log.close()
     running = Supervisord(fleet, process)
@@ -174,3 +177,93 @@ def _slow_test_report(request: pytest.FixtureRequest) -> Iterator[None]:
     elapsed = time.monotonic() - started
     if elapsed > 60:
         print(f"\n{request.node.nodeid} took {elapsed:.0f}s")
+
+
+# ---------------------------------------------------------------- PoWA 5 (PostgreSQL 17)
+#: statements of the PoWA 5 remotes' workload (each also has a second database)
+POWA5_WORKLOAD = 300
+
+
+@pytest.fixture(scope="session")
+def powa5_install() -> sandbox.PgInstall:
+    """PostgreSQL 17 + PoWA 5: native on Debian 13, else the tree of `make powa5`."""
+    return sandbox.powa5()
+
+
+@pytest.fixture(scope="session")
+def powa5_dir(powa5_install: sandbox.PgInstall) -> Iterator[Path]:
+    with sandbox.workspace("powa-fleet-tests5-", powa5_install) as path:
+        yield path
+
+
+@pytest.fixture(scope="session")
+def powa5_template(powa5_install: sandbox.PgInstall, powa5_dir: Path) -> Path:
+    return sandbox.make_template(powa5_dir, powa5_install)
+
+
+def new_powa5_cluster(install: sandbox.PgInstall, template: Path, base: Path,
+                      kind: str) -> sandbox.Cluster:
+    cluster = sandbox.clone(template, base / f"{kind}{next(_names)}", install=install)
+    cluster.start()
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def powa5_remotes(
+    powa5_install: sandbox.PgInstall, powa5_template: Path, powa5_dir: Path
+) -> Iterator[list[sandbox.Cluster]]:
+    """Two PoWA 5 remotes with the same workload (one for us, one for upstream)."""
+    clusters = [new_powa5_cluster(powa5_install, powa5_template, powa5_dir, "remote5")
+                for _ in range(2)]
+    for cluster in clusters:
+        powa5.create_workload(cluster, POWA5_WORKLOAD)
+    yield clusters
+    for cluster in clusters:
+        cluster.stop("immediate")
+
+
+@pytest.fixture
+def powa5_cluster_factory(
+    powa5_install: sandbox.PgInstall, powa5_template: Path, powa5_dir: Path
+) -> Iterator[object]:
+    """Extra PoWA 5 clusters for one test, removed afterwards."""
+    made: list[sandbox.Cluster] = []
+
+    def make() -> sandbox.Cluster:
+        cluster = new_powa5_cluster(powa5_install, powa5_template, powa5_dir, "extra5")
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.stop("immediate")
+        shutil.rmtree(cluster.datadir, ignore_errors=True)
+
+
+@pytest.fixture
+def powa5_repo(
+    powa5_install: sandbox.PgInstall, powa5_template: Path, powa5_dir: Path,
+    powa5_remotes: list[sandbox.Cluster],
+) -> Iterator[Repo]:
+    """A fresh PoWA 5 repository with both PoWA 5 remotes registered (srvids 1 and 2)."""
+    cluster = new_powa5_cluster(powa5_install, powa5_template, powa5_dir, "repo5")
+    with cluster.connect() as conn:
+        srvids = [
+            sandbox.register_remote(conn, remote, alias=f"remote5 {i}", frequency=300)
+            for i, remote in enumerate(powa5_remotes, 1)
+        ]
+    yield Repo(cluster, srvids)
+    cluster.stop("immediate")
+    shutil.rmtree(cluster.datadir, ignore_errors=True)
+
+
+@pytest.fixture
+def powa5_fleet(
+    tmp_path: Path, powa5_repo: Repo, redis_server: sandbox.RedisServer
+) -> Iterator[Fleet]:
+    directory = tmp_path / "fleet5"
+    directory.mkdir()
+    fleet = Fleet(directory, powa5_repo, redis_server.url)
+    fleet.write_config()
+    yield fleet
+    fleet.stop_all()

@@ -22,6 +22,14 @@ NO_ANSWER = "-"
 MAX_PAYLOAD = 7999
 #: NAMEDATALEN - 1: longer identifiers would be truncated by PostgreSQL
 MAX_CHANNEL = 63
+#: PoWA 5: members of the roles ``powa_roles`` maps these to may send requests
+POWA_ROLES = ("powa_signal_backend", "powa_write_all_data", "powa_admin")
+
+
+def powa_major(version: str) -> int:
+    """The major version of an ``extversion`` of powa (0 if it has none)."""
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,11 @@ def parse_srvid(args: tuple[str, ...]) -> int:
 
 
 def parse_refresh_db_cat(args: tuple[str, ...]) -> tuple[int, list[str]]:
-    """REFRESH_DB_CAT srvid n db1 ... dbn, validated as upstream does."""
+    """REFRESH_DB_CAT srvid n db1 ... dbn, validated as upstream does (n = 0: all).
+
+    The names are untrusted text: they are only ever compared with the
+    remote's database names.
+    """
     if len(args) < 2:
         raise ProtocolError(f'Command "{_describe(args)}" malformed')
     if not is_id(args[0]):

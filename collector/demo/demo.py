@@ -40,12 +40,17 @@ from collector.fleet.supervisord import Supervisor
 #: the checkout (collector/demo/demo.py is two levels down)
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = ROOT / "demo"
+#: where the clusters go when the postgres user cannot reach the demo directory
+SCRATCH = "/var/tmp"  # noqa: S108 - mkdtemp makes a private directory in it
 REMOTES = 3
 
 
 class Demo:
-    def __init__(self, directory: Path, frequency: int, http_port: int) -> None:
+    def __init__(self, directory: Path, frequency: int, http_port: int,
+                 install: sandbox.PgInstall = sandbox.HOST) -> None:
         self.dir = directory.absolute()
+        #: PostgreSQL 15 + PoWA 4.1 from the host, or PostgreSQL 17 + PoWA 5 (POWA=5)
+        self.install = install
         self.frequency = frequency
         self.http_port = http_port
         self.password = secrets.token_urlsafe(9)
@@ -64,13 +69,15 @@ class Demo:
 
     def _make_pg_dir(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        if sandbox.postgres_can_enter(self.dir):
+        if self.install.root is None and sandbox.postgres_can_enter(self.dir):
             self.pg_dir.mkdir()
         else:
-            # e.g. a checkout under /root: the clusters go where postgres can work
-            outside = Path(tempfile.mkdtemp(prefix="powa-fleet-demo-", dir="/var/tmp"))
+            # e.g. a checkout under /root, or PoWA 5's tree: the clusters go where
+            # their postgres can work
+            outside = Path(tempfile.mkdtemp(prefix="powa-fleet-demo-",
+                                            dir=self.install.scratch() or SCRATCH))
             self.pg_dir.symlink_to(outside)
-        sandbox.give_to_postgres(self.pg_dir.resolve())
+        sandbox.give_to_postgres(self.pg_dir.resolve(), self.install)
 
     # ---------------------------------------------------------------- build
     def build(self) -> None:
@@ -78,10 +85,11 @@ class Demo:
         clean(self.dir)
         self._make_pg_dir()
         say("creating a template cluster with PoWA (initdb)...")
-        template = sandbox.make_template(self.pg_dir.resolve())
+        template = sandbox.make_template(self.pg_dir.resolve(), self.install)
         names = ["repository"] + [f"remote{i}" for i in range(1, REMOTES + 1)]
         for name in names:
-            cluster = sandbox.clone(template, self.pg_dir.resolve() / name)
+            cluster = sandbox.clone(template, self.pg_dir.resolve() / name,
+                                    install=self.install)
             cluster.start()
             self.clusters.append(cluster)
         shutil.rmtree(template, ignore_errors=True)
@@ -226,8 +234,12 @@ def clean(directory: Path) -> None:
             time.sleep(0.1)
     pg_dir = directory / "pg"
     if pg_dir.exists():
-        for datadir in pg_dir.resolve().glob("*/postmaster.pid"):
-            sandbox.Cluster(datadir.parent, 0).stop("immediate")
+        for pidfile in pg_dir.resolve().glob("*/postmaster.pid"):
+            datadir = pidfile.parent
+            # a PoWA 5 demo's clusters are PostgreSQL 17 ones, run from their tree
+            modern = (datadir / "PG_VERSION").read_text().strip() != "15"
+            install = sandbox.powa5() if modern else sandbox.HOST
+            sandbox.Cluster(datadir, 0, install=install).stop("immediate")
         if pg_dir.is_symlink():
             shutil.rmtree(pg_dir.resolve(), ignore_errors=True)
     shutil.rmtree(directory, ignore_errors=True)
@@ -295,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--for", dest="seconds", type=float,
                         help="stop by itself after this many seconds")
     parser.add_argument("--clean", action="store_true", help="stop and remove the demo")
+    parser.add_argument("--powa", choices=("4", "5"), default="4",
+                        help="PoWA 4.1 (PostgreSQL 15, Debian 12's packages) or PoWA 5"
+                             " (PostgreSQL 17: Debian 13's packages, or the tree of"
+                             " scripts/powa5-tree.sh)")
     parser.add_argument("--workload", nargs="+", metavar="DSN", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.workload:
@@ -304,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"removed {args.dir}")
         return 0
     port = args.http_port if args.http_port and not port_taken(args.http_port) else 0
-    demo = Demo(args.dir, max(5, args.frequency), port or sandbox.free_port())
+    install = sandbox.powa5() if args.powa == "5" else sandbox.HOST
+    demo = Demo(args.dir, max(5, args.frequency), port or sandbox.free_port(), install)
     try:
         demo.build()
     except BaseException:

@@ -5,6 +5,12 @@ when running as root, since ``initdb`` refuses root) with every PoWA
 extension created in database ``powa``; each cluster of a fleet is a copy of
 it, which takes a fraction of a second.  Nothing here is used by the
 collector itself.
+
+Clusters run the host's PostgreSQL 15 with PoWA 4.1 (``HOST``) by default;
+``powa5()`` gives PostgreSQL 17 with PoWA 5: the host's own packages on
+Debian 13, else the Debian 13 tree that ``scripts/powa5-tree.sh`` builds,
+whose programs run through ``chroot`` (data directories live inside the
+tree, see ``workspace()``), reached over TCP like any remote server.
 """
 
 from __future__ import annotations
@@ -29,6 +35,10 @@ from psycopg import sql
 from collector.pg import Conn
 
 PG_BIN = Path(os.environ.get("POWA_FLEET_PG_BIN", "/usr/lib/postgresql/15/bin"))
+#: the Debian 13 tree of scripts/powa5-tree.sh (PostgreSQL 17, PoWA 5)
+POWA5_TREE = Path(os.environ.get("POWA_FLEET_POWA5_TREE", "/var/cache/powa-fleet/trixie"))
+PG17_BIN = Path("/usr/lib/postgresql/17/bin")
+PG17_EXTENSIONS = Path("/usr/share/postgresql/17/extension")
 REDIS_SERVER = os.environ.get("POWA_FLEET_REDIS_SERVER", "redis-server")
 PRELOAD = "pg_stat_statements,powa,pg_stat_kcache,pg_qualstats"
 EXTENSIONS = ("pg_stat_statements", "btree_gist", "powa", "pg_stat_kcache", "pg_qualstats")
@@ -74,11 +84,74 @@ def _as_postgres(args: Sequence[str | os.PathLike[str]]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
 
 
-def give_to_postgres(path: Path) -> None:
+@dataclass(frozen=True)
+class PgInstall:
+    """Where the PostgreSQL programs of a sandbox live: on the host, or in a chroot tree."""
+
+    bin: Path
+    #: a chroot tree the programs run in (as its own postgres user), None for the host
+    root: Path | None = None
+    #: settings this installation needs on top of SERVER_SETTINGS
+    settings: tuple[tuple[str, str], ...] = ()
+
+    def argv(self, args: Sequence[str | os.PathLike[str]]) -> list[str]:
+        """A command line run as the server user; Path arguments are host paths."""
+        if self.root is None:
+            return _as_postgres(args)
+        inside = [self.inside(a) if isinstance(a, Path) else str(a) for a in args]
+        return ["chroot", str(self.root), "runuser", "-u", "postgres", "--", *inside]
+
+    def inside(self, path: Path) -> str:
+        """A host path as the chrooted programs see it (paths outside the tree are
+        taken as paths of the tree already, like ``bin``)."""
+        if self.root is None or not path.resolve().is_relative_to(self.root.resolve()):
+            return str(path)
+        return "/" + str(path.resolve().relative_to(self.root.resolve()))
+
+    def owner(self) -> tuple[int, int]:
+        """uid and gid of the server user (the tree's own, which differ from the host's)."""
+        if self.root is None:
+            entry = pwd.getpwnam("postgres")
+            return entry.pw_uid, entry.pw_gid
+        for line in (self.root / "etc" / "passwd").read_text().splitlines():
+            fields = line.split(":")
+            if fields[0] == "postgres":
+                return int(fields[2]), int(fields[3])
+        raise LookupError(f"no postgres user in {self.root}/etc/passwd")
+
+    def scratch(self) -> Path | None:
+        """Where temporary directories go (None: the system's default)."""
+        return None if self.root is None else self.root / "tmp"
+
+
+HOST = PgInstall(PG_BIN)
+
+
+def _has_powa5(extensions: Path) -> bool:
+    control = extensions / "powa.control"
+    if not control.exists():
+        return False
+    return any(line.replace(" ", "").startswith("default_version='5")
+               for line in control.read_text().splitlines())
+
+
+def powa5(tree: Path | None = None) -> PgInstall:
+    """PostgreSQL 17 with PoWA 5: native packages when the host has them, else the tree."""
+    if tree is None and (PG17_BIN / "postgres").exists() and _has_powa5(PG17_EXTENSIONS):
+        return PgInstall(PG17_BIN)
+    root = tree or POWA5_TREE
+    if not _has_powa5(root / PG17_EXTENSIONS.relative_to("/")):
+        raise FileNotFoundError(
+            f"no PoWA 5 in {root}: run scripts/powa5-tree.sh (make powa5) first"
+        )
+    # no /dev/shm in the tree
+    return PgInstall(PG17_BIN, root, (("dynamic_shared_memory_type", "mmap"),))
+
+
+def give_to_postgres(path: Path, install: PgInstall = HOST) -> None:
     """Make ``path`` (a directory the clusters live in) usable by the server user."""
     if os.geteuid() == 0:
-        entry = pwd.getpwnam("postgres")
-        os.chown(path, entry.pw_uid, entry.pw_gid)
+        os.chown(path, *install.owner())
 
 
 def postgres_can_enter(path: Path) -> bool:
@@ -97,6 +170,7 @@ class Cluster:
     host: str = "127.0.0.1"
     #: more loopback addresses to listen on (one cluster standing for many hosts)
     aliases: tuple[str, ...] = ()
+    install: PgInstall = HOST
 
     @property
     def logfile(self) -> Path:
@@ -122,9 +196,9 @@ class Cluster:
         self.configure({"port": str(self.port),
                         "listen_addresses": ",".join((self.host, *self.aliases))})
         subprocess.run(
-            _as_postgres(
-                [PG_BIN / "pg_ctl", "-D", self.datadir, "-l", self.logfile, "-w", "-t", "60",
-                 "start"]
+            self.install.argv(
+                [self.install.bin / "pg_ctl", "-D", self.datadir, "-l", self.logfile, "-w",
+                 "-t", "60", "start"]
             ),
             check=True,
             stdout=subprocess.DEVNULL,
@@ -134,7 +208,9 @@ class Cluster:
         if not (self.datadir / "postmaster.pid").exists():
             return
         subprocess.run(
-            _as_postgres([PG_BIN / "pg_ctl", "-D", self.datadir, "-m", mode, "-w", "stop"]),
+            self.install.argv(
+                [self.install.bin / "pg_ctl", "-D", self.datadir, "-m", mode, "-w", "stop"]
+            ),
             check=False,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -142,7 +218,7 @@ class Cluster:
 
     def reload(self) -> None:
         subprocess.run(
-            _as_postgres([PG_BIN / "pg_ctl", "-D", self.datadir, "reload"]),
+            self.install.argv([self.install.bin / "pg_ctl", "-D", self.datadir, "reload"]),
             check=True,
             stdout=subprocess.DEVNULL,
         )
@@ -155,19 +231,22 @@ class Cluster:
             return False
 
 
-def make_template(base: Path) -> Path:
-    """initdb a cluster with every PoWA extension in database ``powa``; return its datadir."""
+def make_template(base: Path, install: PgInstall = HOST) -> Path:
+    """initdb a cluster with every PoWA extension in database ``powa``; return its datadir.
+
+    With a chroot installation, ``base`` must lie inside its tree (see ``workspace()``).
+    """
     datadir = base / "template"
     subprocess.run(
-        _as_postgres(
-            [PG_BIN / "initdb", "-D", datadir, "-A", "trust", "-U", "postgres", "-E", "UTF8",
-             "--no-sync", "--locale=C"]
+        install.argv(
+            [install.bin / "initdb", "-D", datadir, "-A", "trust", "-U", "postgres", "-E",
+             "UTF8", "--no-sync", "--locale=C"]
         ),
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    template = Cluster(datadir, free_port())
-    template.configure(SERVER_SETTINGS)
+    template = Cluster(datadir, free_port(), install=install)
+    template.configure({**SERVER_SETTINGS, **dict(install.settings)})
     template.start()
     try:
         with template.connect("postgres") as conn:
@@ -180,10 +259,12 @@ def make_template(base: Path) -> Path:
     return datadir
 
 
-def clone(template: Path, datadir: Path, host: str = "127.0.0.1") -> Cluster:
+def clone(
+    template: Path, datadir: Path, host: str = "127.0.0.1", install: PgInstall = HOST
+) -> Cluster:
     """A new cluster copied from the template, on a free port; not started."""
-    subprocess.run(_as_postgres(["cp", "-a", template, datadir]), check=True)
-    return Cluster(datadir, free_port(host), host)
+    subprocess.run(install.argv(["cp", "-a", template, datadir]), check=True)
+    return Cluster(datadir, free_port(host), host, install=install)
 
 
 def register_remote(
@@ -295,10 +376,13 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def workspace(prefix: str = "powa-fleet-") -> Iterator[Path]:
-    """A temporary directory the postgres user can use, removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    give_to_postgres(path)
+def workspace(prefix: str = "powa-fleet-", install: PgInstall = HOST) -> Iterator[Path]:
+    """A temporary directory the postgres user can use, removed afterwards.
+
+    For a chroot installation it lies inside the tree, where its programs see it.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=install.scratch()))
+    give_to_postgres(path, install)
     try:
         yield path
     finally:

@@ -24,19 +24,14 @@ import random
 import sys
 import time
 
-import psycopg
-
-from collector import config, daemon, logs, repository
+from collector import config, daemon, mailbox, repository
 from collector.backoff import Backoff
 from collector.errors import (
     EXIT_FAILURE,
     EXIT_OK,
-    ConcurrentSnapshotError,
     FleetError,
-    RemoteUnavailable,
     RepositoryUnavailable,
     ServerDisabledError,
-    SnapshotAborted,
     UnknownServerError,
 )
 from collector.keys import (
@@ -49,19 +44,20 @@ from collector.keys import (
 from collector.mailbox import Listener
 from collector.plugins import Dispatcher, NullDispatcher, load_dispatcher
 from collector.wakeup import SignalFlags, Wakeup
+from collector.worker.commands import CommandHandler
+from collector.worker.databases import CatalogRefresh
+from collector.worker.failures import Failures
 from collector.worker.gate import ForceGate
 from collector.worker.link import RemoteLink
 from collector.worker.reporter import Reporter
 from collector.worker.schedule import Schedule
-from collector.worker.snapshot import Snapshot, SnapshotResult
+from collector.worker.snapshot import SnapshotResult
 from collector.worker.state import ServerState
+from collector.worker.taker import Taker
 from collector.worker.watchdog import Watchdog
 
 log = logging.getLogger("collector.worker")
 
-#: the repository part of a snapshot gets this long (or ten periods) before it is cancelled:
-#: a big aggregation may take long, a repository that never answers must not stall a worker
-REPOSITORY_BUDGET = 600.0
 #: the main loop wakes at least this often, even with nothing to do (signals,
 #: commands and a dying remote connection wake it at once anyway)
 MAX_SLEEP = 60.0
@@ -92,9 +88,15 @@ class Worker:
         self.flags = SignalFlags(self.wakeup)
         self.state = ServerState(srvid)
         self.gate = ForceGate()
+        #: REFRESH_DB_CAT requests waiting for the next snapshot
+        self.catalog_refresh = CatalogRefresh()
         self.reporter = Reporter(self.state, self.gate, events or NullDispatcher())
         self.watchdog = Watchdog(self.flags, cfg.collector.stop_grace, self._notice_stop)
         self.link = RemoteLink(cfg.collector.connect_timeout, self.watchdog, self.rng)
+        self.failures = Failures(cfg, self.reporter, self.link, self.flags, self.publish)
+        self.taker = Taker(cfg, self.link, self.watchdog, self.failures, self.catalog_refresh)
+        #: answers the control's commands, in the command thread
+        self.handle_command = CommandHandler(self.gate, self.catalog_refresh, self.wakeup.notify)
         self.schedule: Schedule | None = None
         self.commands: Listener | None = None
         #: a SIGHUP that could not read the row yet is tried again then
@@ -106,7 +108,7 @@ class Worker:
         self.flags.install()
         try:
             if self.once:
-                return self._run_once()
+                return run_once(self)
             self._start_threads()
             if not self._load_server():
                 return EXIT_OK
@@ -125,7 +127,8 @@ class Worker:
     def _start_threads(self) -> None:
         self.reporter.start(self.cfg)
         self.commands = Listener(
-            self.cfg.redis.url, self.cfg.redis.prefix, self.srvid, self.handle_command
+            self.cfg.redis.url, self.cfg.redis.prefix, self.srvid, self.handle_command,
+            key=mailbox.fleet_key(self.cfg.directory),
         )
         self.commands.start()
         self.watchdog.start()
@@ -135,26 +138,19 @@ class Worker:
         backoff = Backoff(maximum=30.0, rng=self.rng)
         while not self.flags.stop:
             try:
-                self._read_server()
+                self.read_server()
             except RepositoryUnavailable as exc:
-                self._repository_failed(str(exc))
+                self.failures.repository(str(exc))
                 self.wakeup.wait(backoff.next_delay())
                 continue
             self._connect_remote()
             return True
         return False
 
-    def _read_server(self) -> None:
+    def read_server(self) -> None:
         """(Re)read the server row and its last snapshot time; adopt what changed."""
-        with repository.session(
-            self.cfg.repository.dsn, f"worker {self.srvid}", self.cfg.repository.connect_timeout
-        ) as conn:
-            try:
-                powa = repository.require_powa(conn)
-                server = repository.read_server(conn, powa, self.srvid)
-                snapts = repository.last_snapshot(conn, powa, self.srvid)
-            except psycopg.Error as exc:
-                raise RepositoryUnavailable(logs.one_line(exc)) from None
+        server, snapts = repository.load_server(self.cfg.repository.dsn, self.srvid,
+                                                self.cfg.repository.connect_timeout)
         self.state.repository_down = False
         previous, self.state.server = self.state.server, server
         log.info("collecting %s every %ss", server.describe(self.cfg.collector.use_server_alias),
@@ -191,7 +187,7 @@ class Worker:
                 raise
             except Exception as exc:
                 log.exception("unexpected error in the worker's loop, going on")
-                self._error(f"internal error: {exc!r}")
+                self.failures.error(f"internal error: {exc!r}")
                 self.wakeup.wait(backoff.next_delay())
             else:
                 backoff.reset()
@@ -207,7 +203,7 @@ class Worker:
             self._connect_remote()
         forced = self.gate.pending
         if not self.flags.stop and (forced or self.schedule.due(time.monotonic())):
-            self._snapshot(forced)
+            self.snapshot(forced)
         self._sleep()
 
     def _sleep(self) -> None:
@@ -222,14 +218,14 @@ class Worker:
             return
         ready = self.wakeup.wait(timeout, self.link.watched_fd())
         if ready and not self.link.check_alive():
-            self._remote_failed("connection to the remote server lost", report=False)
+            self.failures.remote("connection to the remote server lost", report=False)
 
     def _reload(self) -> None:
         log.info("SIGHUP: reading the server row again")
         try:
-            self._read_server()
+            self.read_server()
         except RepositoryUnavailable as exc:
-            self._repository_failed(str(exc))
+            self.failures.repository(str(exc))
             # try again later, not in a tight loop while the repository is away
             self.reload_retry_at = time.monotonic() + self.reload_backoff.next_delay()
             return
@@ -241,44 +237,13 @@ class Worker:
     def _connect_remote(self) -> bool:
         error = self.link.connect()
         if error is not None:
-            self._remote_failed(error, report=False)
+            self.failures.remote(error, report=False)
             return False
         self.publish()
         return True
 
-    def _remote_failed(self, error: str, report: bool) -> None:
-        """The remote is unreachable: status, next attempt, and maybe the repository's errors."""
-        self.link.lost(self.schedule.frequency if self.schedule else None)
-        self._error(error)
-        if report:
-            self._report(f"Error connecting to remote server {self.srvid}: {error}")
-
-    def _report(self, error: str) -> None:
-        """Store a failure in powa_snapshot_metas.errors, where powa-web shows it."""
-        try:
-            repository.report_failure(
-                self.cfg.repository.dsn, self.srvid, error, self.cfg.repository.connect_timeout
-            )
-        except RepositoryUnavailable as exc:
-            self._repository_failed(str(exc))
-            return
-        except psycopg.Error as exc:
-            log.warning("could not store the error in the repository: %s", logs.one_line(exc))
-            return
-        if self.state.repository_down:
-            self.state.repository_down = False
-            self.publish()
-
-    def _repository_failed(self, error: str) -> None:
-        self.state.repository_down = True
-        self._error(error)
-
-    def _error(self, error: str) -> None:
-        self.reporter.error(error)
-        self.publish()
-
     # ------------------------------------------------------------------ snapshots
-    def _snapshot(self, forced: bool) -> SnapshotResult | None:
+    def snapshot(self, forced: bool) -> SnapshotResult | None:
         assert self.schedule is not None
         self.schedule.started(self.gate.begin(), forced)
         self.publish()
@@ -297,66 +262,15 @@ class Worker:
         ready = self.link.connected or (self.link.due(time.monotonic())
                                         and self._connect_remote())
         if ready and (lost := self.link.versions_current()) is not None:
-            self._remote_failed(lost, report=False)
+            self.failures.remote(lost, report=False)
             ready = False
         if not ready:
-            self._report(f"Error connecting to remote server {self.srvid}: "
-                         f"{self.state.last_error}")
+            self.failures.report(f"Error connecting to remote server {self.srvid}: "
+                                 f"{self.state.last_error}")
             return None
-        try:
-            return self._store(self.state.server.frequency)
-        except RemoteUnavailable as exc:
-            self._remote_failed(f"snapshot failed, remote server lost: {exc}", report=True)
-        except RepositoryUnavailable as exc:
-            self._repository_failed(f"snapshot failed: {exc}")
-        except (SnapshotAborted, ConcurrentSnapshotError) as exc:
-            self._snapshot_error(exc, repository_lost=False)
-        return None
-
-    def _store(self, frequency: int) -> SnapshotResult | None:
-        """One snapshot in one repository session (raises what the caller reports)."""
-        assert self.link.session is not None
-        self.watchdog.arm(self.link.session,
-                          time.monotonic() + max(10 * frequency, REPOSITORY_BUDGET))
-        with repository.session(
-            self.cfg.repository.dsn, f"worker {self.srvid}", self.cfg.repository.connect_timeout,
-        ) as repo:
-            self.watchdog.watch_repository(repo)
-            snapshot = Snapshot(repo, self.link.session, self.srvid, budget=frequency,
-                                guard=self.watchdog, clear_stale=self.state.snapshots_ok == 0)
-            try:
-                result = snapshot.run()
-            except psycopg.Error as exc:
-                self._snapshot_error(exc, repository_lost=repo.broken)
-                return None
-        self.state.repository_down = False
-        return result
-
-    def _snapshot_error(self, exc: Exception, repository_lost: bool) -> None:
-        reason = logs.one_line(exc)
-        if self.flags.stop:
-            self._error(f"snapshot cancelled and rolled back on stop: {reason}")
-        elif repository_lost:
-            self._repository_failed(f"snapshot failed and rolled back: {reason}")
-        elif isinstance(exc, ConcurrentSnapshotError | SnapshotAborted):
-            self._error(f"snapshot skipped: {reason}")
-        else:
-            self._error(f"snapshot failed and rolled back: {reason}")
+        return self.taker.take(self.state.server.frequency)
 
     # ------------------------------------------------------------------ commands, status
-    def handle_command(self, command: str) -> tuple[str, str]:
-        """Answer a control request (runs in the command thread)."""
-        if command != "force_snapshot":
-            return "UNKNOWN", f"unknown worker command {command[:40]!r}"
-        refused = self.gate.request()
-        if refused is not None:
-            return "ERROR", refused
-        self.wakeup.notify()
-        # like upstream: wait a moment to tell whether it already began
-        if self.gate.wait_started(0.1):
-            return "OK", "Snapshot in progress"
-        return "OK", "Snapshot will begin shortly"
-
     def current_status(self) -> str:
         if self.flags.stop:
             return STATUS_STOPPING
@@ -373,25 +287,25 @@ class Worker:
         """Called by the watchdog thread as soon as a stop is requested."""
         self.reporter.quick(STATUS_STOPPING)
 
-    # ------------------------------------------------------------------ --once
-    def _run_once(self) -> int:
-        """One snapshot, no status publishing (a running worker owns the status key)."""
-        name = program_name(self.srvid)
-        try:
-            self._read_server()
-        except RepositoryUnavailable as exc:
-            print(f"{name}: {STATUS_NO_REPOSITORY}: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
-        self.watchdog.start()
-        result = self._snapshot(forced=True)
-        if result is None or result.outcome == "failed":
-            print(f"{name}: {self.state.last_error or 'snapshot failed'}", file=sys.stderr)
-            return EXIT_FAILURE
-        print(f"{name}: snapshot stored in {result.duration:.3f}s, "
-              f"{sum(result.rows.values())} rows, {result.error_count} error(s)")
-        for error in result.errors:
-            print(f"{name}: {error}")
-        return EXIT_OK
+
+def run_once(worker: Worker) -> int:
+    """One snapshot, no status publishing (a running worker owns the status key)."""
+    name = program_name(worker.srvid)
+    try:
+        worker.read_server()
+    except RepositoryUnavailable as exc:
+        print(f"{name}: {STATUS_NO_REPOSITORY}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    worker.watchdog.start()
+    result = worker.snapshot(forced=True)
+    if result is None or result.outcome == "failed":
+        print(f"{name}: {worker.state.last_error or 'snapshot failed'}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{name}: snapshot stored in {result.duration:.3f}s, "
+          f"{sum(result.rows.values())} rows, {result.error_count} error(s)")
+    for error in result.errors:
+        print(f"{name}: {error}")
+    return EXIT_OK
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -22,14 +22,27 @@ from collector.errors import RemoteUnavailable
 from collector.logs import REDACTOR, one_line
 from collector.pg import KEEPALIVES, Conn, PowaExtension, powa_extension, set_lock_timeout
 from collector.repository import Server
+from collector.worker.sources import powa_major
 
 log = logging.getLogger(__name__)
 
 _REMOTE_INFO = """
-SELECT current_setting('server_version'),
-       (SELECT json_object_agg(extname, extversion) FROM pg_catalog.pg_extension),
-       (SELECT default_version FROM pg_catalog.pg_available_extensions WHERE name = 'hypopg')
+SELECT pg_catalog.current_setting('server_version'),
+       pg_catalog.current_setting('server_version_num')::int,
+       (SELECT pg_catalog.json_object_agg(e.extname,
+                   pg_catalog.json_build_array(e.extversion, n.nspname))
+        FROM pg_catalog.pg_extension e
+        JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace),
+       (SELECT default_version FROM pg_catalog.pg_available_extensions WHERE name = 'hypopg'),
+       pg_catalog.current_setting('lock_timeout')
 """
+#: PoWA 5 sessions resolve nothing through the search_path (upstream does the same)
+_SECURE_SEARCH_PATH = "SELECT pg_catalog.set_config('search_path', 'pg_catalog', false)"
+
+
+def _option(value: str) -> str:
+    """A setting's value as libpq's ``options`` needs it (spaces and backslashes escaped)."""
+    return value.replace("\\", "\\\\").replace(" ", "\\ ")
 
 
 class RemoteSession:
@@ -42,8 +55,15 @@ class RemoteSession:
         self.conn: Conn | None = None
         self.powa: PowaExtension | None = None
         self.server_version = ""
+        self.server_version_num = 0
         self.extensions: dict[str, str] = {}
+        #: schema of each extension of the remote's powa database
+        self.schemas: dict[str, str] = {}
         self.hypopg: str | None = None
+        #: the main session's, for the sessions to other databases
+        self.lock_timeout = "0"
+        #: the session to another database of the server, while a snapshot reads it
+        self.db_conn: Conn | None = None
         #: versions must be written to the repository at the next snapshot
         self.versions_pending = False
         REDACTOR.add(server.password)
@@ -55,20 +75,8 @@ class RemoteSession:
     def connect(self) -> None:
         """Connect and learn the remote's versions; RemoteUnavailable on failure."""
         self.close()
-        server = self.server
         try:
-            conn = psycopg.connect(
-                host=server.hostname,
-                port=server.port,
-                user=server.username,
-                password=server.password,
-                dbname=server.dbname,
-                autocommit=True,
-                application_name=f"powa-fleet worker {server.srvid}",
-                connect_timeout=self.connect_timeout,
-                client_encoding="UTF8",
-                **KEEPALIVES,
-            )
+            conn = self._connect(self.server.dbname)
         except psycopg.Error as exc:
             raise RemoteUnavailable(one_line(exc)) from None
         # kept at once: closed by close() on any failure below, and visible to the
@@ -81,6 +89,23 @@ class RemoteSession:
             self.close()
             raise RemoteUnavailable(one_line(exc)) from None
 
+    def _connect(self, dbname: str, options: str | None = None) -> Conn:
+        server = self.server
+        return psycopg.connect(
+            host=server.hostname,
+            hostaddr=pg.resolve(server.hostname, self.connect_timeout),
+            port=server.port,
+            user=server.username,
+            password=server.password,
+            dbname=dbname,
+            autocommit=True,
+            application_name=f"powa-fleet worker {server.srvid}",
+            connect_timeout=self.connect_timeout,
+            client_encoding="UTF8",
+            options=options,
+            **KEEPALIVES,
+        )
+
     def refresh_versions(self) -> None:
         """Read the remote's versions: the next snapshot stores them in the repository."""
         if self.conn is None:
@@ -88,13 +113,42 @@ class RemoteSession:
         row = self.conn.execute(_REMOTE_INFO).fetchone()
         assert row is not None
         self.server_version = str(row[0])
-        self.extensions = {str(k): str(v) for k, v in (row[1] or {}).items()}
-        self.hypopg = None if row[2] is None else str(row[2])
+        self.server_version_num = int(row[1])
+        found = {str(name): (str(v[0]), str(v[1])) for name, v in (row[2] or {}).items()}
+        self.extensions = {name: version for name, (version, _) in found.items()}
+        self.schemas = {name: schema for name, (_, schema) in found.items()}
+        self.hypopg = None if row[3] is None else str(row[3])
+        self.lock_timeout = str(row[4])
         self.powa = powa_extension(self.conn)
+        if self.powa is not None and powa_major(self.powa) >= 5:
+            self.conn.execute(_SECURE_SEARCH_PATH)
         self.versions_pending = True
         self.versions_read_at = time.monotonic()
 
+    def open_database(self, dbname: str, statement_timeout: int) -> Conn:
+        """A session to another database of the server (PoWA 5's per-database sources).
+
+        Its settings come with the connection (no statement spent on them):
+        ``search_path``, the main session's ``lock_timeout``, and
+        ``statement_timeout`` (ms), the budget left to the snapshot.  One at a
+        time: it stays ``db_conn`` (so the watchdog reaches it) until
+        ``close_database()``.  psycopg.Error when it cannot be opened.
+        """
+        self.close_database()
+        settings = {"search_path": "pg_catalog", "lock_timeout": self.lock_timeout,
+                    "statement_timeout": str(statement_timeout)}
+        options = " ".join(f"-c {name}={_option(value)}" for name, value in settings.items())
+        self.db_conn = self._connect(dbname, options=options)
+        return self.db_conn
+
+    def close_database(self) -> None:
+        if self.db_conn is not None:
+            with contextlib.suppress(Exception):
+                self.db_conn.close()
+        self.db_conn = None
+
     def close(self) -> None:
+        self.close_database()
         if self.conn is not None:
             with contextlib.suppress(Exception):
                 self.conn.close()
@@ -134,13 +188,13 @@ class RemoteSession:
     # connection: self.conn is read once
 
     def abort(self) -> None:
-        """Shut the connection down under a statement blocked on a frozen server."""
-        conn = self.conn
-        if conn is not None:
-            pg.abort(conn)
+        """Shut the connections down under a statement blocked on a frozen server."""
+        for conn in (self.db_conn, self.conn):
+            if conn is not None:
+                pg.abort(conn)
 
     def cancel(self) -> None:
         """Cancel the statement running on the remote (from another thread)."""
-        conn = self.conn
-        if conn is not None:
-            pg.cancel(conn)
+        for conn in (self.db_conn, self.conn):
+            if conn is not None:
+                pg.cancel(conn)

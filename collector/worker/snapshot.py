@@ -1,18 +1,25 @@
-"""One remote snapshot of one server, stored exactly as PoWA 4.1 expects.
+"""One remote snapshot of one server, stored exactly as PoWA 4.1 and PoWA 5 expect.
 
 For each enabled source of ``powa_functions`` (operation ``snapshot``), the
 rows of ``<schema>.<query_source>(0)`` on the remote are streamed, prefixed
 with the server id, straight into ``<schema>.<query_source>_tmp`` on the
 repository: COPY out to COPY in, block by block, so a worker's memory does
-not grow with the number of statements.  Then ``powa_take_snapshot(N)``
-turns those rows into history.
+not grow with the number of statements.  On PoWA 5, the per-database
+modules and catalogs follow, database by database (collector.worker.databases);
+what to copy is read as the repository's PoWA version describes it
+(collector.worker.sources).  Then ``powa_take_snapshot(N)`` turns those
+rows into history.
 
 Every repository write of the snapshot happens in one transaction:
 
 * it starts by locking the server's ``powa_snapshot_metas`` row (NOWAIT), so
   two snapshots of one server can never overlap, whichever process runs them;
-* each source copies under a savepoint: a failing source is rolled back (no
-  half-copied rows stay) and recorded, and the others continue;
+* PoWA must have the same major.minor version on both sides, and the list of
+  sources must be readable: otherwise nothing is copied and the reason is
+  stored in ``powa_snapshot_metas.errors``;
+* each source copies under a savepoint (per database and source on PoWA 5):
+  a failing source is rolled back (no half-copied rows stay) and recorded,
+  and the others continue;
 * if ``powa_take_snapshot`` itself fails, everything copied is rolled back and
   only the error is stored (upstream commits the ``_tmp`` rows in that case,
   and the next snapshot stores them again);
@@ -21,11 +28,12 @@ Every repository write of the snapshot happens in one transaction:
 * the errors of the run are appended to ``powa_snapshot_metas.errors`` after
   ``powa_take_snapshot`` (which clears that column first).
 
-On the remote, the sources run in one transaction committed before the
-repository work, and ``query_cleanup`` (e.g. ``pg_qualstats_reset()``) runs
-only once the snapshot is committed, for the sources that were stored
-(upstream runs it right after each source, even a failed one: data that
-never reached the repository is thrown away).
+On the remote, the global sources run in one transaction committed before
+the repository work (each database in one of its own), and
+``query_cleanup`` (e.g. ``pg_qualstats_reset()``) runs only once the
+snapshot is committed, for the sources that were stored (upstream runs it
+right after each source, even a failed one: data that never reached the
+repository is thrown away).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import psycopg
 from psycopg import sql
@@ -42,22 +51,20 @@ from collector.errors import ConcurrentSnapshotError, RemoteUnavailable, Snapsho
 from collector.logs import one_line
 from collector.pg import Conn, PowaExtension
 from collector.repository import record_errors, require_powa, save_versions
+from collector.worker import sources as discovery
+from collector.worker.databases import CatalogRefresh, DatabaseCopier, RefreshRequest, plan
 from collector.worker.remote import RemoteSession
+from collector.worker.sources import DbSource, Source, powa_major
+from collector.worker.streaming import CHUNK_SIZE, Guard, stream
+
+__all__ = ["CHUNK_SIZE", "Guard", "Snapshot", "SnapshotResult", "Source"]
 
 log = logging.getLogger(__name__)
 
-#: bytes of COPY data held between the remote and the repository
-CHUNK_SIZE = 64 * 1024
-
-
-@dataclass(frozen=True)
-class Source:
-    """One enabled ``snapshot`` row of ``powa_functions``."""
-
-    module: str
-    query_source: str
-    query_cleanup: str | None
-    function_name: str
+_REMOTE_DATABASES = """
+SELECT pg_catalog.now(), pg_catalog.current_database(),
+       ARRAY(SELECT datname::text FROM pg_catalog.pg_database WHERE datallowconn ORDER BY datname)
+"""
 
 
 @dataclass
@@ -75,6 +82,9 @@ class SnapshotResult:
     committed: bool = False
     #: seconds spent in each phase, for benchmarks and logs
     timings: dict[str, float] = field(default_factory=dict)
+    #: PoWA 5: databases of the remote read, and sessions opened for them
+    databases: int = 0
+    sessions_opened: int = 0
 
     @property
     def outcome(self) -> str:
@@ -87,16 +97,21 @@ class SnapshotResult:
         return len(self.errors) + self.take_snapshot_errors
 
 
-def _sources(repo: Conn, powa: PowaExtension, srvid: int) -> list[Source]:
-    rows = repo.execute(
-        sql.SQL(
-            "SELECT module, query_source, query_cleanup, function_name FROM {}"
-            " WHERE srvid = %s AND operation = 'snapshot' AND enabled"
-            " ORDER BY priority, module"
-        ).format(powa.name("powa_functions")),
-        (srvid,),
-    ).fetchall()
-    return [Source(str(m), str(q) if q else "", c, str(f)) for m, q, c, f in rows]
+@dataclass
+class Plan:
+    """What one snapshot copies: global sources, and on PoWA 5 per-database ones."""
+
+    sources: list[Source]
+    modules: list[DbSource] = field(default_factory=list)
+    catalogs: list[DbSource] = field(default_factory=list)
+    refresh: RefreshRequest | None = None
+
+    @property
+    def per_database(self) -> bool:
+        return bool(self.modules or self.catalogs)
+
+    def tmp_tables(self) -> set[tuple[str, str]]:
+        return discovery.tmp_tables(self.sources, self.modules + self.catalogs)
 
 
 def _lock_server(repo: Conn, powa: PowaExtension, srvid: int) -> None:
@@ -118,40 +133,16 @@ def _lock_server(repo: Conn, powa: PowaExtension, srvid: int) -> None:
         raise SnapshotAborted(f"server {srvid} has no powa_snapshot_metas row: not registered?")
 
 
-def _clear_tmp(repo: Conn, powa: PowaExtension, srvid: int, sources: list[Source]) -> None:
-    tables = {s.query_source for s in sources if s.query_source}
+def _clear_tmp(repo: Conn, srvid: int, tables: set[tuple[str, str]]) -> None:
     if not tables:
         return
     statements = sql.SQL("; ").join(
         sql.SQL("DELETE FROM {} WHERE srvid = {}").format(
-            powa.name(table + "_tmp"), sql.Literal(srvid)
+            sql.Identifier(*table), sql.Literal(srvid)
         )
         for table in sorted(tables)
     )
     repo.execute(statements)
-
-
-class Guard:
-    """What watches a snapshot's remote statements (the worker's watchdog); inert here.
-
-    ``remote_begin(deadline)`` opens a phase of remote statements that must end
-    by ``deadline`` (monotonic), ``remote_statement()`` tells one starts,
-    ``remote_end()`` closes the phase; ``cancelled()`` says the queries were
-    cancelled on purpose (the worker stops): the snapshot is then rolled back
-    whole instead of recorded.
-    """
-
-    def remote_begin(self, deadline: float) -> None:
-        return None
-
-    def remote_statement(self) -> None:
-        return None
-
-    def remote_end(self) -> None:
-        return None
-
-    def cancelled(self) -> bool:
-        return False
 
 
 class Snapshot:
@@ -161,7 +152,9 @@ class Snapshot:
     ``budget`` seconds: past it, no new source is started.  ``clear_stale``
     first deletes the server's rows left in the ``_tmp`` tables by someone
     else (a worker does it once, at its first snapshot: the deletes scan tables
-    full of dead rows, not worth paying every time).
+    full of dead rows, not worth paying every time).  ``refresh`` holds the
+    REFRESH_DB_CAT requests (PoWA 5), the server's queue by default: taken
+    by this snapshot, given back if it is not stored.
     Exceptions: RemoteUnavailable when the remote connection is lost,
     ConcurrentSnapshotError, SnapshotAborted, psycopg.Error from the repository.
     """
@@ -175,6 +168,7 @@ class Snapshot:
         budget: float,
         guard: Guard | None = None,
         clear_stale: bool = False,
+        refresh: CatalogRefresh | None = None,
     ) -> None:
         self.repo = repo
         self.remote = remote
@@ -182,6 +176,7 @@ class Snapshot:
         self.budget = budget
         self.guard = guard or Guard()
         self.clear_stale = clear_stale
+        self.refresh = refresh or CatalogRefresh()
         self.result = SnapshotResult(srvid=srvid, started_at=time.time())
 
     def _phase(self, name: str, since: float) -> float:
@@ -192,26 +187,35 @@ class Snapshot:
     def run(self) -> SnapshotResult:
         """Take the snapshot in one repository transaction, committed at the end."""
         started = time.perf_counter()
+        powa = require_powa(self.repo)
+        _lock_server(self.repo, powa, self.srvid)
+        refresh = self.refresh.take()
+        try:
+            self._run(powa, refresh, started)
+        finally:
+            if self.result.outcome == "failed":
+                self.refresh.give_back(refresh)
+        return self.result
+
+    def _run(self, powa: PowaExtension, refresh: RefreshRequest | None, started: float) -> None:
         repo, srvid = self.repo, self.srvid
-        powa = require_powa(repo)
-        _lock_server(repo, powa, srvid)
-        sources = _sources(repo, powa, srvid)
+        work = self._prepare(powa, refresh)
         mark = self._phase("prepare", started)
         copied: list[Source] = []
         versions_saved = False
-        if self._compatible(powa):
-            if not sources:
+        if work is not None:
+            if not work.sources:
                 log.info("no snapshot source enabled for server %d", srvid)
             if self.clear_stale:
-                _clear_tmp(repo, powa, srvid, sources)
+                _clear_tmp(repo, srvid, work.tmp_tables())
             with repo.transaction() as data:
-                copied = self._copy_sources(powa, sources)
+                copied = self._copy_all(powa, work)
                 mark = self._phase("sources", mark)
                 self._take(powa, data)
                 mark = self._phase("powa_take_snapshot", mark)
             if self.result.take_snapshot_errors:
                 # a snapshot function failed inside powa_take_snapshot: its rows are left
-                _clear_tmp(repo, powa, srvid, sources)
+                _clear_tmp(repo, srvid, work.tmp_tables())
             if self.result.errors:
                 # after a failed powa_take_snapshot the old errors are still there
                 record_errors(repo, powa, srvid, self.result.errors, replace=self.result.failed)
@@ -224,7 +228,64 @@ class Snapshot:
             self._cleanup(powa, copied)
         self._phase("commit", mark)
         self.result.duration = time.perf_counter() - started
-        return self.result
+
+    # ------------------------------------------------------------------ before copying
+    def _prepare(self, powa: PowaExtension, refresh: RefreshRequest | None) -> Plan | None:
+        """What to copy; None (the reason stored) when nothing may be copied."""
+        if not self._compatible(powa):
+            return None
+        try:
+            with self.repo.transaction():
+                return self._discover(powa, refresh)
+        except psycopg.Error as exc:
+            if self.repo.broken:
+                raise
+            self._fail(powa, f"Error while getting the snapshot sources of server"
+                             f" {self.srvid}: {one_line(exc)}")
+            return None
+
+    def _discover(self, powa: PowaExtension, refresh: RefreshRequest | None) -> Plan:
+        remote = self.remote
+        assert remote.powa is not None
+        found = discovery.global_sources(self.repo, powa, self.srvid, remote.powa, remote.schemas)
+        if powa_major(powa) < 5:
+            return Plan(found)
+        version = remote.server_version_num
+        every = refresh is not None and refresh.every
+        per_db = (discovery.db_modules(self.repo, powa, self.srvid, version),
+                  discovery.catalogs(self.repo, powa, self.srvid, version, every))
+        kept: tuple[list[DbSource], list[DbSource]] = ([], [])
+        for found_kind, kept_kind in zip(per_db, kept, strict=True):
+            for source in found_kind:
+                if source.target is None or not source.query_source:
+                    self.result.errors.append(
+                        f"Datasource {source.name}: no query_source or no _tmp table on"
+                        " the repository server, skipped")
+                else:
+                    kept_kind.append(source)
+        return Plan(found, kept[0], kept[1], refresh)
+
+    def _compatible(self, powa: PowaExtension) -> bool:
+        """Same PoWA major.minor on both sides, else record why and copy nothing."""
+        remote_powa = self.remote.powa
+        if remote_powa is None:
+            self._fail(powa, f"PoWA extension not found on remote server {self.srvid}")
+            return False
+        if remote_powa.major_minor != powa.major_minor:
+            self._fail(powa, (
+                "Incompatible PoWA version between the repository server "
+                f"({'.'.join(powa.major_minor)}.X) and the remote host "
+                f"({'.'.join(remote_powa.major_minor)}.X)"
+            ))
+            return False
+        return True
+
+    def _fail(self, powa: PowaExtension, error: str) -> None:
+        """Nothing is copied: the one error replaces the stored ones."""
+        self.result.errors.append(error)
+        self.result.failed = True
+        record_errors(self.repo, powa, self.srvid, [error], replace=True)
+        log.error("%s", error)
 
     def _save_versions(self, powa: PowaExtension) -> bool:
         """Store the remote's versions if they are new; True once they are stored.
@@ -248,57 +309,56 @@ class Snapshot:
             return False
         return True
 
-    def _compatible(self, powa: PowaExtension) -> bool:
-        """Same PoWA major.minor on both sides, else record why and copy nothing."""
-        remote_powa = self.remote.powa
-        if remote_powa is None:
-            error = f"PoWA extension not found on remote server {self.srvid}"
-        elif remote_powa.major_minor != powa.major_minor:
-            error = (
-                "Incompatible PoWA version between the repository server "
-                f"({'.'.join(powa.major_minor)}.X) and the remote host "
-                f"({'.'.join(remote_powa.major_minor)}.X)"
-            )
-        else:
-            return True
-        self.result.errors.append(error)
-        self.result.failed = True
-        record_errors(self.repo, powa, self.srvid, [error], replace=True)
-        log.error("%s", error)
-        return False
-
-    def _copy_sources(self, powa: PowaExtension, sources: list[Source]) -> list[Source]:
-        """Stream every source in one remote transaction; the sources stored."""
+    # ------------------------------------------------------------------ copying
+    def _copy_all(self, powa: PowaExtension, work: Plan) -> list[Source]:
+        """Stream every source, then each database's; the global sources stored."""
         remote = self.remote.conn
         if remote is None:
             raise RemoteUnavailable("no connection to remote server")
-        assert self.remote.powa is not None
-        remote_powa = self.remote.powa
         deadline = time.monotonic() + self.budget
-        copied = []
         self.guard.remote_begin(deadline)
         try:
             with remote.transaction():
-                self.guard.remote_statement()
-                remote.execute(
-                    sql.SQL("SET LOCAL statement_timeout = {}").format(
-                        sql.Literal(int(self.budget * 1000))
-                    )
-                )
-                for n, source in enumerate(sources):
-                    if time.monotonic() >= deadline:
-                        self._skip_late(sources[n:])
-                        break
-                    if self._copy_one(powa, remote_powa, source):
-                        copied.append(source)
+                copied = self._copy_global(remote, work.sources, deadline)
+                found = None
+                if work.per_database:
+                    self.guard.remote_statement()
+                    found = remote.execute(_REMOTE_DATABASES).fetchone()
+            if found is not None:
+                self._copy_databases(work, found[0], str(found[1]), list(found[2]), deadline)
         except psycopg.OperationalError as exc:
             if remote.closed or remote.broken:
                 self.remote.close()
                 raise RemoteUnavailable(one_line(exc)) from None
             raise
         finally:
+            self.remote.close_database()
             self.guard.remote_end()
         return copied
+
+    def _copy_global(self, remote: Conn, sources: list[Source], deadline: float) -> list[Source]:
+        """The global sources, in the remote transaction the caller opened."""
+        self.guard.remote_statement()
+        remote.execute(
+            sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(int(self.budget * 1000)))
+        )
+        copied = []
+        for n, source in enumerate(sources):
+            if time.monotonic() >= deadline:
+                self._skip_late(sources[n:])
+                break
+            if self._copy_one(source):
+                copied.append(source)
+        return copied
+
+    def _copy_databases(self, work: Plan, ts: datetime, home: str, dbnames: list[str],
+                        deadline: float) -> None:
+        todo = plan(dbnames, work.modules, work.catalogs, work.refresh)
+        copier = DatabaseCopier(self.repo, self.remote, self.result, ts=ts, home=home,
+                                deadline=deadline, guard=self.guard)
+        copier.run(todo)
+        self.result.databases = len(todo)
+        self.result.sessions_opened = copier.sessions_opened
 
     def _skip_late(self, sources: list[Source]) -> None:
         names = ", ".join(s.query_source for s in sources)
@@ -310,49 +370,36 @@ class Snapshot:
         if self.guard.cancelled():
             raise SnapshotAborted("snapshot cancelled: nothing of it is stored")
 
-    def _copy_one(self, powa: PowaExtension, remote_powa: PowaExtension, source: Source) -> bool:
+    def _copy_one(self, source: Source) -> bool:
         """Copy one source under savepoints on both sides; False (recorded) if it failed."""
         self._abort_if_cancelled()
-        if not source.query_source:
+        if source.problem:
+            log.warning("%s", source.problem)
+            self.result.errors.append(source.problem)
+            return False
+        if source.remote_function is None or source.target is None:
             log.warning("no query_source for %s, skipped", source.function_name)
             return False
         remote = self.remote.conn
         assert remote is not None
         query = sql.SQL("COPY (SELECT {}, * FROM {}(0)) TO STDOUT").format(
-            sql.Literal(self.srvid), remote_powa.name(source.query_source)
+            sql.Literal(self.srvid), source.remote_function
         )
-        target = sql.SQL("COPY {} FROM STDIN").format(powa.name(source.query_source + "_tmp"))
+        target = sql.SQL("COPY {} FROM STDIN").format(sql.Identifier(*source.target))
         try:
             with self.repo.transaction(), remote.transaction():
                 self.guard.remote_statement()
-                rows = self._stream(query, target)
+                rows = stream(remote, query, self.repo, target)
         except psycopg.Error as exc:
             if remote.broken or self.repo.broken:
                 raise
             self._abort_if_cancelled()
-            error = f"Error retrieving datasource data {source.module}: {one_line(exc)}"
+            error = f"Error retrieving datasource data {source.name}: {one_line(exc)}"
             log.warning("%s", error)
             self.result.errors.append(error)
             return False
-        self.result.rows[source.module] = self.result.rows.get(source.module, 0) + rows
+        self.result.rows[source.name] = self.result.rows.get(source.name, 0) + rows
         return True
-
-    def _stream(self, query: sql.Composed, target: sql.Composed) -> int:
-        remote = self.remote.conn
-        assert remote is not None
-        with self.repo.cursor() as into, remote.cursor() as out:
-            with into.copy(target) as copy_in, out.copy(query) as copy_out:
-                # rows arrive one by one; hand them over in chunks (fewer libpq calls),
-                # so memory holds one chunk at most, whatever the number of rows
-                chunk = bytearray()
-                for row in copy_out:
-                    chunk += row
-                    if len(chunk) >= CHUNK_SIZE:
-                        copy_in.write(chunk)
-                        chunk = bytearray()
-                if chunk:
-                    copy_in.write(chunk)
-            return into.rowcount
 
     def _take(self, powa: PowaExtension, data: psycopg.Transaction) -> None:
         """powa_take_snapshot(N); if it fails, roll back every copied row, keep the error."""
@@ -373,41 +420,51 @@ class Snapshot:
             raise psycopg.Rollback(data) from None
         self.result.take_snapshot_errors = int(row[0]) if row and row[0] is not None else 0
 
+    # ------------------------------------------------------------------ after commit
     def _cleanup(self, powa: PowaExtension, copied: list[Source]) -> None:
         """Each stored source's ``query_cleanup`` (e.g. ``pg_qualstats_reset()``), now.
 
         Only once the snapshot is committed: a cleanup discards the remote's
         data, and must not when that data did not reach the repository.
         """
-        cleanups = [s.query_cleanup for s in copied if s.query_cleanup]
+        errors = [s.cleanup_problem for s in copied if s.cleanup_problem]
+        cleanups = [s.cleanup for s in copied if s.cleanup is not None]
         remote = self.remote.conn
-        if not cleanups or remote is None:
-            return
+        if cleanups and remote is not None:
+            errors += self._run_cleanups(remote, cleanups)
+        if errors:
+            self._record_late(powa, errors)
+
+    def _run_cleanups(self, remote: Conn, cleanups: list[sql.Composed]) -> list[str]:
         errors = []
         self.guard.remote_begin(time.monotonic() + self.budget)
         try:
             for cleanup in cleanups:
                 self.guard.remote_statement()
                 try:
-                    # SQL text stored by PoWA in powa_functions, run as-is by design
+                    # SQL text stored by PoWA in powa_functions, run as PoWA means it
                     remote.execute(cleanup)
                 except psycopg.Error as exc:
-                    errors.append(f"Error while calling {cleanup}: {one_line(exc)}")
+                    text = cleanup.as_string(remote)
+                    errors.append(f"Error while calling {text}: {one_line(exc)}")
                     if remote.broken or remote.closed:
                         self.remote.close()
                         break
         finally:
             self.guard.remote_end()
-        if errors:
-            for error in errors:
-                log.warning("%s", error)
-            self.result.errors += errors
-            try:
-                record_errors(self.repo, powa, self.srvid, errors, replace=False)
-                self.repo.commit()
-            except psycopg.Error as exc:
-                # the snapshot is stored already: this must not report it as failed
-                log.warning("server %d: cleanup errors not recorded in the repository: %s",
-                            self.srvid, one_line(exc))
-                with contextlib.suppress(psycopg.Error):
-                    self.repo.rollback()
+        return errors
+
+    def _record_late(self, powa: PowaExtension, errors: list[str]) -> None:
+        """Errors found after the commit, appended to the stored ones."""
+        for error in errors:
+            log.warning("%s", error)
+        self.result.errors += errors
+        try:
+            record_errors(self.repo, powa, self.srvid, errors, replace=False)
+            self.repo.commit()
+        except psycopg.Error as exc:
+            # the snapshot is stored already: this must not report it as failed
+            log.warning("server %d: cleanup errors not recorded in the repository: %s",
+                        self.srvid, one_line(exc))
+            with contextlib.suppress(psycopg.Error):
+                self.repo.rollback()

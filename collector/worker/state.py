@@ -104,6 +104,7 @@ class ServerState:
             "last_error_at": iso(self.last_error_at),
             "snapshots_ok": self.snapshots_ok,
             "snapshots_failed": self.snapshots_failed,
+            "consecutive_failures": self.consecutive_failures,
             "next_snapshot_due": iso(
                 now_wall + max(0.0, schedule.next_due - now_mono) if schedule else None
             ),

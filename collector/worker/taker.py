@@ -10,7 +10,7 @@ import time
 
 import psycopg
 
-from collector import repository
+from collector import pg, repository
 from collector.config import Config
 from collector.errors import (
     ConcurrentSnapshotError,
@@ -18,6 +18,7 @@ from collector.errors import (
     RepositoryUnavailable,
     SnapshotAborted,
 )
+from collector.worker.databases import CatalogRefresh
 from collector.worker.failures import Failures
 from collector.worker.link import RemoteLink
 from collector.worker.snapshot import Snapshot, SnapshotResult
@@ -35,8 +36,10 @@ def repository_budget(frequency: int) -> float:
 
 class Taker:
     def __init__(self, cfg: Config, link: RemoteLink, watchdog: Watchdog,
-                 failures: Failures) -> None:
+                 failures: Failures, refresh: CatalogRefresh) -> None:
         self.cfg = cfg
+        #: REFRESH_DB_CAT requests waiting for the next snapshot
+        self.refresh = refresh
         self.link = link
         self.watchdog = watchdog
         self.failures = failures
@@ -60,8 +63,13 @@ class Taker:
         with repository.session(self.cfg.repository.dsn, f"worker {srvid}",
                                 self.cfg.repository.connect_timeout) as repo:
             self.watchdog.watch_repository(repo)
+            # the watchdog cancels at the budget; the server ends what a frozen
+            # process left running (a COPY waiting for data) a minute later
+            pg.set_statement_timeout(repo, repository_budget(frequency) + 60)
+            repo.commit()
             snapshot = Snapshot(repo, self.link.session, srvid, budget=frequency,
-                                guard=self.watchdog, clear_stale=self.state.snapshots_ok == 0)
+                                guard=self.watchdog, clear_stale=self.state.snapshots_ok == 0,
+                                refresh=self.refresh)
             try:
                 result = snapshot.run()
             except psycopg.Error as exc:
