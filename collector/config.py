@@ -9,6 +9,7 @@ back in those messages.
 from __future__ import annotations
 
 import configparser
+import contextlib
 import ipaddress
 import os
 import re
@@ -23,14 +24,18 @@ from psycopg.conninfo import conninfo_to_dict
 from collector.errors import ConfigError
 
 CONFIG_ENV = "POWA_FLEET_CONFIG"
-#: the checkout's own collector.cfg, used when neither -c nor the env var is given
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "collector.cfg"
+#: the production place of the configuration (see docs/operations.md)
+SYSTEM_CONFIG = Path("/etc/powa-fleet/collector.cfg")
+_CHECKOUT = Path(__file__).resolve().parent.parent
+#: the checkout's own collector.cfg: the last fallback, only when running from a checkout
+DEFAULT_CONFIG = _CHECKOUT / "collector.cfg"
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _BOOLEANS = configparser.ConfigParser.BOOLEAN_STATES
 _PLUGIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _PREFIX = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.\-]{0,252})")
 
 T = TypeVar("T")
 
@@ -69,6 +74,8 @@ class CollectorConfig:
     stop_grace: int = 10
     #: libpq connect_timeout for remote servers, in seconds
     connect_timeout: int = 5
+    #: a FATAL program is started again after this many seconds (doubling); 0: never
+    restart_fatal_after: int = 30
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,22 @@ class PluginsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    #: "host:port" of the Prometheus endpoint (collector.metrics), "" when metrics are off
+    listen: str = ""
+    #: serve a non-loopback address (the endpoint has no authentication)
+    allow_remote: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen)
+
+    def address(self) -> tuple[str, int]:
+        """(host, port) to bind; host "" means every interface."""
+        return split_address(self.listen)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     repository: RepositoryConfig
@@ -86,6 +109,7 @@ class Config:
     supervisor: SupervisorConfig
     collector: CollectorConfig
     plugins: PluginsConfig
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def directory(self) -> Path:
@@ -124,14 +148,42 @@ class Config:
         return [s for s in found if s]
 
 
+def candidates() -> list[Path]:
+    """Where a configuration is looked for when neither -c nor $POWA_FLEET_CONFIG names one.
+
+    ``./collector.cfg``, then ``/etc/powa-fleet/collector.cfg``, then, when
+    this package runs from a checkout (not from an installed copy), the
+    checkout's ``collector.cfg``, which ``create_supervisord_config.py``
+    beside it has always used.
+    """
+    try:
+        found = [Path("collector.cfg").absolute(), SYSTEM_CONFIG]
+    except OSError:
+        # the working directory is gone or out of reach
+        found = [SYSTEM_CONFIG]
+    if (_CHECKOUT / "create_supervisord_config.py").is_file():
+        found.append(DEFAULT_CONFIG)
+    return found
+
+
 def resolve_path(path: str | os.PathLike[str] | None) -> Path:
-    """The config file to use: explicit path, else $POWA_FLEET_CONFIG, else the checkout's."""
+    """The config file to use: ``path``, else $POWA_FLEET_CONFIG, else the first of
+    ``candidates()`` that exists; ConfigError naming every place when none does."""
     if path:
         return Path(path).expanduser().absolute()
     env = os.environ.get(CONFIG_ENV)
     if env:
         return Path(env).expanduser().absolute()
-    return DEFAULT_CONFIG
+    places = candidates()
+    for place in places:
+        with contextlib.suppress(OSError):
+            # a working directory the user may not read (sudo -u from /root) is no answer
+            if place.is_file():
+                return place
+    raise ConfigError([
+        "no configuration file: give -c FILE or $" + CONFIG_ENV + ", or create one of "
+        + ", ".join(str(p) for p in places)
+    ])
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:
@@ -159,9 +211,11 @@ class _Reader:
         "redis": frozenset({"url", "prefix", "status_ttl"}),
         "supervisor": frozenset({"http", "username", "password", "include"}),
         "collector": frozenset(
-            {"use_server_alias", "auto_enable", "log_level", "stop_grace", "connect_timeout"}
+            {"use_server_alias", "auto_enable", "log_level", "stop_grace", "connect_timeout",
+             "restart_fatal_after"}
         ),
         "plugins": frozenset({"enabled"}),
+        "metrics": frozenset({"listen", "allow_remote"}),
     }
 
     def __init__(self, path: Path, parser: configparser.ConfigParser) -> None:
@@ -191,11 +245,13 @@ class _Reader:
             log_level=self._choice("collector", "log_level", "info", LOG_LEVELS),
             stop_grace=self._int("collector", "stop_grace", 10, 1, 600),
             connect_timeout=self._int("collector", "connect_timeout", 5, 1, 300),
+            restart_fatal_after=self._int("collector", "restart_fatal_after", 30, 0, 86400),
         )
         plugins = self._plugins()
+        metrics = self._metrics(supervisor)
         if self.problems:
             raise ConfigError(self.problems)
-        return Config(self.path, repository, redis, supervisor, collector, plugins)
+        return Config(self.path, repository, redis, supervisor, collector, plugins, metrics)
 
     def _check_names(self) -> None:
         for section in self.parser.sections():
@@ -274,6 +330,12 @@ class _Reader:
             return url
         if parts.scheme not in ("redis", "rediss", "unix"):
             self.problem("redis", "url", "expected a redis://, rediss:// or unix:// URL")
+        elif parts.scheme != "unix" and parts.hostname and not is_loopback(parts.hostname) \
+                and not parts.password and "ssl_certfile" not in parts.query:
+            # whoever can write to that Redis could forge statuses and commands
+            self.problem("redis", "url", f"{parts.hostname} is not a loopback address: give"
+                         " Redis a password (redis://:PASSWORD@host...) or a TLS client"
+                         " certificate (rediss://...?ssl_certfile=...), or use 127.0.0.1")
         return url
 
     def _prefix(self) -> str:
@@ -327,6 +389,50 @@ class _Reader:
             if section.startswith("plugin:")
         }
         return PluginsConfig(enabled=names, settings=settings)
+
+
+    def _metrics(self, supervisor: SupervisorConfig) -> MetricsConfig:
+        listen = self._get("metrics", "listen") or ""
+        allow_remote = self._bool("metrics", "allow_remote", False)
+        if not listen:
+            return MetricsConfig(allow_remote=allow_remote)
+        try:
+            host, port = split_address(listen)
+        except ValueError:
+            self.problem("metrics", "listen", f"expected host:port (e.g. 127.0.0.1:9187),"
+                         f" got {listen!r}")
+            return MetricsConfig(allow_remote=allow_remote)
+        if not allow_remote and not is_loopback(host):
+            self.problem("metrics", "listen", f"{listen} is not a loopback address: use"
+                         " 127.0.0.1, or set allow_remote = true (the endpoint has no password)")
+        if _same_socket((host, port), supervisor.http):
+            self.problem("metrics", "listen", f"{listen} is the address of [supervisor] http")
+        return MetricsConfig(listen=listen, allow_remote=allow_remote)
+
+
+def split_address(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``; ``*:port`` or ``:port`` for every interface) as
+    (host, port), host "" for every interface; ValueError when it is none of these."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(text)
+    if host.startswith("[") and host.endswith("]"):
+        host = str(ipaddress.IPv6Address(host[1:-1]))
+    elif host in ("", "*"):
+        host = ""
+    elif not _HOST_NAME.fullmatch(host):
+        # an IPv6 address without brackets, or not a host at all
+        raise ValueError(text)
+    return host, int(port)
+
+
+def _same_socket(address: tuple[str, int], other: str) -> bool:
+    """Would binding ``address`` and ``other`` (host:port text) clash?"""
+    try:
+        host, port = split_address(other)
+    except ValueError:
+        return False
+    return port == address[1] and (host == address[0] or "" in (host, address[0]))
 
 
 def _invalid(raw: str) -> NoReturn:

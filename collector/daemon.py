@@ -10,17 +10,24 @@ import time
 from collections.abc import Callable, Sequence
 
 from collector import config, logs
-from collector.errors import EXIT_FAILURE, EXPECTED_EXIT_CODES, FleetError
+from collector.errors import EXIT_CONFIG, EXIT_FAILURE, EXPECTED_EXIT_CODES, FleetError
 
 STARTED = time.monotonic()
-#: supervisord counts an exit before ``startsecs`` (1 s by default) as a failed
-#: start and retries it, whatever its exit code
-MIN_UPTIME = 1.5
+#: supervisord counts an exit before ``startsecs`` (3 s in the generated files,
+#: collector.fleet.files.STARTSECS) as a failed start and retries it, whatever
+#: its exit code
+MIN_UPTIME = 3.5
 
 
 def settle(code: int) -> int:
-    """Delay an exit that supervisord must not retry until it can tell it is one."""
-    if code and code in EXPECTED_EXIT_CODES and os.environ.get("SUPERVISOR_ENABLED"):
+    """Delay an exit that supervisord must not retry until it can tell it is one.
+
+    Not a configuration error: that exit is left fast, so that supervisord
+    counts it a failed start and ends FATAL (not a quiet EXITED), where the
+    control's healer starts it again with a backoff once the file is fixed.
+    """
+    if code and code in EXPECTED_EXIT_CODES and code != EXIT_CONFIG \
+            and os.environ.get("SUPERVISOR_ENABLED"):
         time.sleep(max(0.0, MIN_UPTIME - (time.monotonic() - STARTED)))
     return code
 

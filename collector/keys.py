@@ -34,6 +34,8 @@ STATUS_NO_REPOSITORY = "no connection to repository server"
 CONTROL = "control"
 #: the event listener's name (``[eventlistener:programs]``)
 LISTENER = "programs"
+#: the Prometheus endpoint's program (when ``[metrics] listen`` is set)
+METRICS = "metrics"
 
 
 def program_name(srvid: int) -> str:
@@ -43,6 +45,12 @@ def program_name(srvid: int) -> str:
 
 def status_key(prefix: str, srvid: int) -> str:
     return f"{prefix}:worker:{srvid}"
+
+
+def owner_key(prefix: str, srvid: int) -> str:
+    """The pid of the worker that publishes server N's status (one at a time)."""
+    # not under <prefix>:worker:*, where every key is a status document
+    return f"{prefix}:owner:{srvid}"
 
 
 def status_channel(prefix: str) -> str:

@@ -6,17 +6,32 @@ The worker runs a ``Listener`` thread (a blocking pop with a short timeout),
 so it answers while a snapshot runs; its handler wakes the main loop when
 there is work for it.
 
-Request: ``{"command": "force_snapshot", "reply_to": "<prefix>:reply:<token>"}``
+Request: ``{"command": "force_snapshot", "reply_to": "<prefix>:reply:<token>"}``,
+with ``"args": ["<text>", ...]`` when the command takes arguments (e.g.
+``refresh_db_cat`` and its database names); no ``args`` means none.
 Answer:  ``{"status": "OK" | "ERROR", "data": "<text>"}``
+
+Redis is not trusted: a request travels as ``{"body": "<request JSON>",
+"mac": "<hex>"}``, the body carrying ``"expires"`` (epoch seconds), the mac
+an HMAC-SHA256 of the body with the fleet's key.  The key lives in the fleet
+directory (``.mailbox.key``, mode 0600, made on first use), never in Redis:
+whoever can only write to Redis cannot make a worker act, and a captured
+request cannot be replayed once it expired.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
 import logging
+import os
 import re
 import secrets
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import redis
 import simplejson as json
@@ -35,24 +50,72 @@ POP_TIMEOUT = 30
 #: a request no worker read by then is dropped by Redis
 REQUEST_TTL = 30
 
-Handler = Callable[[str], tuple[str, str]]
+KEY_FILE = ".mailbox.key"
+
+#: (command, args) -> (status, data)
+Handler = Callable[[str, tuple[str, ...]], tuple[str, str]]
+
+
+def fleet_key(directory: Path) -> bytes:
+    """The fleet's command key, made (random, 0600) by whichever program needs it first."""
+    path = directory / KEY_FILE
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    for _ in range(50):
+        key = path.read_text().strip()
+        if key:
+            return key.encode()
+        # its maker is writing it right now
+        time.sleep(0.01)
+    raise OSError(f"{path} is empty: remove it, it is made again")
+
+
+def seal(key: bytes, message: dict[str, object]) -> str:
+    """A request as it travels: its body and the body's HMAC."""
+    body = json.dumps({**message, "expires": round(time.time() + REQUEST_TTL, 3)})
+    mac = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+    return str(json.dumps({"body": body, "mac": mac}))
+
+
+def unseal(key: bytes, raw: bytes | str) -> dict[str, object]:
+    """The request of a sealed message; ValueError if forged, malformed or expired."""
+    sealed = json.loads(raw)
+    if not isinstance(sealed, dict) or not isinstance(sealed.get("body"), str) \
+            or not isinstance(sealed.get("mac"), str):
+        raise ValueError("not a sealed request")
+    body = sealed["body"]
+    expected = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, sealed["mac"]):
+        raise ValueError("bad signature: not sent by this fleet's control")
+    request = json.loads(body)
+    if not isinstance(request, dict):
+        raise ValueError("not a request")
+    expires = request.get("expires")
+    if not isinstance(expires, int | float) or expires < time.time():
+        raise ValueError("expired")
+    return request
 
 
 def ask(connection: redis.Redis, prefix: str, srvid: int, command: str,
-        timeout: float) -> tuple[str, str]:
-    """Send ``command`` to worker ``srvid`` and wait for its (status, data) answer.
+        timeout: float, *, key: bytes, args: Sequence[str] = ()) -> tuple[str, str]:
+    """Send ``command`` (with ``args``) to worker ``srvid``, wait for its (status, data).
 
     ProtocolError, with a reason for the requester, when Redis or the worker
     does not answer in time.
     """
     reply_to = reply_key(prefix, secrets.token_hex(8))
-    request = json.dumps({"command": command, "reply_to": reply_to})
-    key = commands_key(prefix, srvid)
+    message: dict[str, object] = {"command": command, "reply_to": reply_to}
+    if args:
+        message["args"] = list(args)
+    request = seal(key, message)
+    queue = commands_key(prefix, srvid)
     try:
         with connection.pipeline(transaction=False) as pipe:
-            pipe.rpush(key, request)
+            pipe.rpush(queue, request)
             # a worker that never reads it must not find it much later
-            pipe.expire(key, REQUEST_TTL)
+            pipe.expire(queue, REQUEST_TTL)
             pipe.execute()
         reply = connection.blpop([reply_to], timeout=timeout)
     except redis.RedisError as exc:
@@ -66,8 +129,10 @@ def ask(connection: redis.Redis, prefix: str, srvid: int, command: str,
 
 
 class Listener(threading.Thread):
-    def __init__(self, url: str, prefix: str, srvid: int, handler: Handler) -> None:
+    def __init__(self, url: str, prefix: str, srvid: int, handler: Handler,
+                 key: bytes) -> None:
         super().__init__(name=f"commands-{srvid}", daemon=True)
+        self.secret = key
         # the socket timeout must outlast the blocking pop
         self.redis = client(url, socket_timeout=POP_TIMEOUT + 3)
         self.key = commands_key(prefix, srvid)
@@ -103,17 +168,20 @@ class Listener(threading.Thread):
     def handle(self, raw: bytes) -> None:
         """Answer one request; malformed ones are logged and dropped."""
         try:
-            request = json.loads(raw)
+            request = unseal(self.secret, raw)
             command = request["command"]
             reply_to = request["reply_to"]
+            args = request.get("args", [])
             if not isinstance(command, str) or not isinstance(reply_to, str):
                 raise TypeError("command and reply_to must be strings")
+            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+                raise TypeError("args must be a list of strings")
             if not self.reply_pattern.fullmatch(reply_to):
                 raise ValueError("reply_to is not a reply key of this fleet")
-        except (ValueError, TypeError, KeyError) as exc:
-            log.warning("ignored a malformed command: %s", one_line(exc))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.warning("ignored a command: %s", one_line(exc))
             return
-        status, data = self.handler(command)
+        status, data = self.handler(command, tuple(args))
         answer = json.dumps({"status": status, "data": data})
         self._call(lambda: self._reply(reply_to, answer))
 

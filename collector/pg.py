@@ -7,8 +7,10 @@ worker's remote session, its watchdog and the repository access build on it.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,8 @@ Conn = psycopg.Connection[TupleRow]
 
 #: upstream powa-collector sets the same lock_timeout when none is configured
 LOCK_TIMEOUT_MS = 2000
+#: a session idle inside a transaction this long is ended by the server
+IDLE_IN_TRANSACTION_MS = 60_000
 #: a peer gone from the network is noticed within about a minute, even by a
 #: connection waiting for an answer (keepalives) or with data unacknowledged
 #: (tcp_user_timeout, in ms)
@@ -49,12 +53,25 @@ class PowaExtension:
 
 
 def set_lock_timeout(conn: Conn) -> None:
-    """Upstream's lock_timeout for this session, unless one is configured already."""
+    """The session's server-side limits, each unless one is configured already.
+
+    Upstream's ``lock_timeout``; and ``idle_in_transaction_session_timeout``:
+    a process that can no longer drive its transaction (frozen, swapped out,
+    cut off) has it rolled back by the server, its locks released, within
+    ``IDLE_IN_TRANSACTION_MS`` (the snapshot it was taking is lost whole).
+    """
     conn.execute(
-        "SELECT pg_catalog.set_config(name, %s, false) FROM pg_catalog.pg_settings"
-        " WHERE name = 'lock_timeout' AND setting = '0'",
-        (str(LOCK_TIMEOUT_MS),),
+        "SELECT pg_catalog.set_config(s.name, v.setting, false) FROM pg_catalog.pg_settings s"
+        " JOIN (VALUES ('lock_timeout', %s), ('idle_in_transaction_session_timeout', %s))"
+        " AS v(name, setting) ON v.name = s.name WHERE s.setting = '0'",
+        (str(LOCK_TIMEOUT_MS), str(IDLE_IN_TRANSACTION_MS)),
     )
+
+
+def set_statement_timeout(conn: Conn, seconds: float) -> None:
+    """A server-side bound on every statement of this session (0: none)."""
+    conn.execute("SELECT pg_catalog.set_config('statement_timeout', %s, false)",
+                 (str(int(seconds * 1000)),))
 
 
 def cancel(conn: Conn) -> None:
@@ -85,3 +102,67 @@ def powa_extension(conn: Conn) -> PowaExtension | None:
     return PowaExtension(str(row[0]), str(row[1])) if row else None
 
 
+
+
+#: host name lookups that may hang at once (each in a thread of its own)
+_LOOKUPS = threading.BoundedSemaphore(4)
+
+
+def resolve(host: str | None, timeout: float) -> str | None:
+    """The address libpq should connect to for ``host``, found within ``timeout`` seconds.
+
+    libpq resolves names with the blocking ``getaddrinfo``, which ignores
+    ``connect_timeout``: a DNS server that never answers would hold a worker
+    (deaf to SIGTERM) for minutes.  The name is resolved here, in a thread
+    waited for at most ``timeout``, and handed to libpq as ``hostaddr``
+    (``host`` is kept for TLS and ``.pgpass``).  None when there is nothing
+    to resolve (an address, a socket directory, a list of hosts).
+    """
+    if not host or host.startswith("/") or "," in host or _is_address(host):
+        return None
+    if not _LOOKUPS.acquire(blocking=False):
+        raise psycopg.OperationalError(
+            f"could not resolve host name {host!r}: earlier lookups still hang")
+    found: list[str] = []
+    failed: list[OSError] = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            found.extend(str(info[4][0]) for info in
+                         socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
+        except OSError as exc:
+            failed.append(exc)
+        finally:
+            _LOOKUPS.release()
+            done.set()
+
+    threading.Thread(target=lookup, name="resolve", daemon=True).start()
+    if not done.wait(timeout):
+        raise psycopg.OperationalError(
+            f"could not resolve host name {host!r} within {timeout:g}s (DNS does not answer)")
+    if failed or not found:
+        raise psycopg.OperationalError(
+            f"could not translate host name {host!r} to an address: "
+            f"{failed[0] if failed else 'no address'}")
+    return found[0]
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_dsn(dsn: str, timeout: float) -> str | None:
+    """``hostaddr`` for a DSN whose one host is a name (see ``resolve``), else None."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return None
+    host = params.get("host")
+    if "hostaddr" in params or not isinstance(host, str):
+        return None
+    return resolve(host, timeout)

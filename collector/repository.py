@@ -4,7 +4,10 @@ The repository connection is short-lived on purpose: a worker opens it for a
 snapshot (or to read its server row) and closes it right after, so that
 hundreds of workers never hold hundreds of idle repository sessions.
 Every identifier is schema-qualified with the schema the ``powa`` extension
-lives in, looked up on each connection and quoted with ``psycopg.sql``.
+lives in, looked up on each connection and quoted with ``psycopg.sql``; on
+PoWA 5 the sessions' ``search_path`` is ``pg_catalog`` (as upstream's), so
+nothing is ever resolved through it.  The PoWA-version-specific tables are
+chosen here (``powa_extensions`` on 4.1, ``powa_extension_config`` on 5).
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ from datetime import datetime
 import psycopg
 from psycopg import sql
 
+from collector import __version__, pg
 from collector.errors import RepositoryUnavailable, ServerDisabledError, UnknownServerError
 from collector.logs import one_line
 from collector.pg import KEEPALIVES, Conn, PowaExtension, powa_extension, set_lock_timeout
 
 log = logging.getLogger(__name__)
+
+#: the control's session: powa-web looks for this prefix (upstream's main thread name)
+CONTROL_SESSION_PREFIX = "PoWA collector - main thread ("
+CONTROL_SESSION = f"{CONTROL_SESSION_PREFIX}powa-fleet {__version__})"
 
 @dataclass(frozen=True)
 class Server:
@@ -47,10 +55,30 @@ class Server:
         return digest.hexdigest()
 
     def describe(self, use_alias: bool) -> str:
-        """How logs name this server; untrusted text is shown with repr()."""
+        """How logs name this server; untrusted text is escaped (no forged log lines)."""
         if use_alias and self.alias:
             return f"server {self.srvid} ({self.alias!r})"
-        return f"server {self.srvid} ({self.hostname!r}:{self.port})"
+        # repr() escapes control characters; its quotes would land around the host only
+        return f"server {self.srvid} ({repr(self.hostname)[1:-1]}:{self.port})"
+
+
+_SECURE_SEARCH_PATH = """
+SELECT pg_catalog.set_config('search_path', 'pg_catalog', false)
+FROM pg_catalog.pg_extension
+WHERE extname = 'powa' AND pg_catalog.substring(extversion, '^[0-9]+')::int >= 5
+"""
+
+
+def session_name(purpose: str) -> str:
+    """``application_name`` of a repository session; the control's is upstream's.
+
+    powa-web (4.1 and 5.x) tells whether a collector runs by looking for a
+    session named like ``PoWA collector - main thread (%`` in the repository's
+    ``pg_stat_activity``; the others say which program, and which server, they serve.
+    """
+    if purpose == "control":
+        return CONTROL_SESSION
+    return f"powa-fleet {purpose}"[:63]
 
 
 def connect(dsn: str, purpose: str, connect_timeout: int = 10) -> Conn:
@@ -58,8 +86,9 @@ def connect(dsn: str, purpose: str, connect_timeout: int = 10) -> Conn:
     try:
         conn = psycopg.connect(
             dsn,
+            hostaddr=pg.resolve_dsn(dsn, connect_timeout),
             autocommit=False,
-            application_name=f"powa-fleet {purpose}"[:63],
+            application_name=session_name(purpose),
             connect_timeout=connect_timeout,
             client_encoding="UTF8",
             **KEEPALIVES,
@@ -68,6 +97,7 @@ def connect(dsn: str, purpose: str, connect_timeout: int = 10) -> Conn:
         raise RepositoryUnavailable(f"cannot connect to the repository: {one_line(exc)}") from None
     try:
         set_lock_timeout(conn)
+        conn.execute(_SECURE_SEARCH_PATH)
         conn.commit()
     except psycopg.Error as exc:
         conn.close()
@@ -130,6 +160,20 @@ def read_server(conn: Conn, powa: PowaExtension, srvid: int) -> Server:
     return server
 
 
+def load_server(dsn: str, srvid: int, connect_timeout: int) -> tuple[Server, datetime | None]:
+    """A worker's server row and last snapshot time, in a short session of its own.
+
+    RepositoryUnavailable when the repository cannot tell; UnknownServerError
+    or ServerDisabledError when the server cannot be collected.
+    """
+    with session(dsn, f"worker {srvid}", connect_timeout) as conn:
+        try:
+            powa = require_powa(conn)
+            return read_server(conn, powa, srvid), last_snapshot(conn, powa, srvid)
+        except psycopg.Error as exc:
+            raise RepositoryUnavailable(one_line(exc)) from None
+
+
 def list_servers(conn: Conn, powa: PowaExtension) -> list[Server]:
     """Every collected remote server (id > 0, frequency > 0), by id."""
     rows = conn.execute(
@@ -178,10 +222,11 @@ def save_versions(
 ) -> None:
     """Store the remote's PostgreSQL and extension versions, as upstream does.
 
-    ``powa_servers.version`` gets ``server_version``; each row of
-    ``powa_extensions`` of the server gets the remote's ``extversion``; hypopg,
-    which need not be installed in the powa database, is tracked from
-    ``pg_available_extensions`` (row added, updated or removed).
+    ``powa_servers.version`` gets ``server_version``; each row of the server
+    in ``powa_extensions`` (PoWA 4.1) or ``powa_extension_config`` (PoWA 5)
+    gets the remote's ``extversion``; hypopg, which need not be installed in
+    the powa database, is tracked from ``pg_available_extensions`` (row
+    added, updated or removed).
     """
     conn.execute(
         sql.SQL(
@@ -189,7 +234,7 @@ def save_versions(
         ).format(powa.name("powa_servers")),
         (server_version, srvid, server_version),
     )
-    table = powa.name("powa_extensions")
+    table = powa.name(_extensions_table(powa))
     conn.execute(
         sql.SQL(
             "UPDATE {} e SET version = v.version"
@@ -213,6 +258,11 @@ def save_versions(
             ).format(table),
             (srvid, hypopg),
         )
+
+
+def _extensions_table(powa: PowaExtension) -> str:
+    major = powa.major_minor[0]
+    return "powa_extension_config" if major.isdigit() and int(major) >= 5 else "powa_extensions"
 
 
 def report_failure(dsn: str, srvid: int, error: str, connect_timeout: int = 10) -> None:

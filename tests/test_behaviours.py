@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+import socket
 import stat
+import subprocess
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
-from collector import config
+from collector import config, repository
 from collector.demo import sandbox
 from collector.fleet import programs
 from collector.worker import loop, taker
 from tests.conftest import Supervisord
-from tests.helpers import ROOT, Fleet, Repo, wait_for
+from tests.helpers import PYTHON, ROOT, Fleet, Repo, wait_for
 from tests.test_snapshot import add_slow_source
 from tests.test_worker import slow_take_snapshot
 
@@ -37,6 +44,8 @@ def test_status_exits_5_when_redis_cannot_be_asked(
     fleet: Fleet, repo: Repo, supervisord: Supervisord
 ) -> None:
     supervisord.wait_running("control", "worker_1")
+    logs = sorted((fleet.directory / "logs").iterdir())
+    assert {stat.S_IMODE(p.stat().st_mode) for p in logs} == {0o600}, logs
     dead = fleet.directory / "dead-redis.cfg"
     text = fleet.cfg_path.read_text().replace(
         fleet.redis_url, f"redis://127.0.0.1:{sandbox.free_port()}/0")
@@ -125,7 +134,79 @@ def test_the_event_listener_writes_what_happened_while_redis_was_away(fleet: Fle
         assert set(stored) == {b"worker_2"}
         assert b'"pid": 12' in stored[b"worker_2"] or b'"pid":12' in stored[b"worker_2"]
         assert client.exists(f"{fleet.prefix}:programs:alive")
+        # the table goes by itself once its listener is gone
+        assert 0 < client.ttl(f"{fleet.prefix}:programs") <= programs.TABLE_TTL
         assert not table.failing
         client.close()
     finally:
         server.stop()
+
+
+def test_a_frozen_session_inside_a_snapshot_transaction_loses_its_locks(
+    fleet: Fleet, repo: Repo
+) -> None:
+    """What a worker frozen (SIGSTOP, swapped out) between two statements leaves behind."""
+    srvid = repo.srvids[0]
+    frozen = repository.connect(repo.dsn, f"worker {srvid}", 5)
+    frozen.execute("SELECT 1 FROM powa_snapshot_metas WHERE srvid = %s FOR UPDATE NOWAIT",
+                   (srvid,))
+    pid = frozen.info.backend_pid
+    # another collector of this server is refused while the row is held
+    assert fleet.once(srvid).returncode == 1
+    started = time.monotonic()
+    wait_for(lambda: not repo.one("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                  (pid,)), 90, "the server to end the idle transaction")
+    assert time.monotonic() - started < 75
+    assert fleet.once(srvid).returncode == 0
+    frozen.close()
+
+
+@contextlib.contextmanager
+def silent_dns() -> Iterator[Path]:
+    """A DNS server on 127.0.0.77 that reads every query and never answers; its resolv.conf."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.77", 53))
+    sock.settimeout(0.2)
+    stop = threading.Event()
+
+    def swallow() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                sock.recv(4096)
+
+    thread = threading.Thread(target=swallow, daemon=True)
+    thread.start()
+    with tempfile.TemporaryDirectory() as directory:
+        resolv = Path(directory) / "resolv.conf"
+        resolv.write_text("nameserver 127.0.0.77\noptions timeout:30 attempts:3\n")
+        try:
+            yield resolv
+        finally:
+            stop.set()
+            thread.join()
+            sock.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="needs root and unshare(1) for a mount namespace")
+def test_a_dns_that_never_answers_costs_the_connect_timeout_only(
+    fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
+) -> None:
+    remote = cluster_factory(workload=5)
+    srvid = repo.register(remote, alias="unresolvable", frequency=300)
+    repo.execute("UPDATE powa_servers SET hostname = 'db.blackhole.test' WHERE id = %s",
+                 (srvid,))
+    with silent_dns() as resolv:
+        started = time.monotonic()
+        # a mount namespace of its own, where /etc/resolv.conf names the silent server
+        result = subprocess.run(
+            ["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
+             str(resolv), PYTHON, "-m", "collector.worker", "-c", str(fleet.cfg_path),
+             "--srvid", str(srvid), "--once"],
+            capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+        )
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert "could not resolve host name 'db.blackhole.test' within 2s" in result.stderr
+    # connect_timeout is 2 s in the tests' configuration; libpq alone took 90 s
+    assert elapsed < 15, elapsed

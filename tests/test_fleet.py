@@ -252,3 +252,32 @@ def test_apply_without_supervisord_is_a_clear_error(fleet: Fleet, repo: Repo) ->
     enable = fleet.generate("--enable", "1")
     assert enable.returncode == 0
     assert "takes effect when it starts" in enable.stdout
+
+
+def test_a_foreign_file_in_workers_enabled_is_refused(fleet: Fleet, repo: Repo) -> None:
+    assert fleet.generate().returncode == 0
+    enabled = fleet.directory / "workers_enabled"
+    rogue = fleet.directory / "rogue.conf"
+    rogue.write_text("[program:worker_1]\ncommand = /bin/sh -c 'echo owned'\n")
+    (enabled / "worker_1.conf").unlink()
+    (enabled / "worker_1.conf").symlink_to(rogue)
+    (enabled / "extra.conf").write_text("[program:extra]\ncommand = /bin/true\n")
+    for result in (fleet.generate(), fleet.generate("--enable", "2")):
+        assert result.returncode == 2
+        assert f"{enabled / 'worker_1.conf'} is not a symlink to" in result.stderr
+        assert f"{enabled / 'extra.conf'} is not a symlink to" in result.stderr
+    assert (enabled / "worker_1.conf").resolve() == rogue
+
+
+def test_settings_supervisord_holds_itself_are_reported_as_needing_a_restart(
+    fleet: Fleet, repo: Repo
+) -> None:
+    assert fleet.generate().returncode == 0
+    fleet.write_config(supervisor={"http": f"127.0.0.1:{fleet.http_port}", "username": "admin",
+                                   "password": "a-new-secret"})
+    result = fleet.generate()
+    assert result.returncode == 0, result.stderr
+    assert "needs restart: supervisord reads [inet_http_server] only when it starts" in (
+        result.stdout)
+    again = fleet.generate()
+    assert "needs restart" not in again.stdout

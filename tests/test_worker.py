@@ -12,6 +12,7 @@ from pathlib import Path
 import redis
 import simplejson as json
 
+from collector import mailbox
 from collector.demo import sandbox
 from tests.helpers import Fleet, Repo, password_remote, proc_text, stop_process, wait_for
 from tests.test_snapshot import add_slow_source
@@ -22,9 +23,10 @@ PASSWORD = "Sup3r-S3cret-pw!"
 def force(fleet: Fleet, srvid: int, timeout: float = 5) -> dict[str, str]:
     """Ask a worker for a snapshot the way the control process does."""
     reply = f"{fleet.prefix}:reply:test{time.monotonic_ns()}"
+    request = mailbox.seal(mailbox.fleet_key(fleet.directory),
+                           {"command": "force_snapshot", "reply_to": reply})
     with fleet.redis() as client:
-        client.rpush(f"{fleet.prefix}:commands:{srvid}",
-                     json.dumps({"command": "force_snapshot", "reply_to": reply}))
+        client.rpush(f"{fleet.prefix}:commands:{srvid}", request)
         answer = client.blpop([reply], timeout=timeout)
     assert answer is not None, "the worker did not answer"
     return json.loads(answer[1])  # type: ignore[no-any-return]
@@ -192,16 +194,17 @@ def test_sighup_rereads_the_row_without_restart(
 
 def test_force_snapshot_answers_like_upstream(fleet: Fleet, repo: Repo) -> None:
     srvid = repo.srvids[2]
-    repo.due_in(srvid, 4, frequency=300)
+    # the scheduled snapshot is minutes away: only a forced one can come now
+    repo.due_in(srvid, 250, frequency=300)
     fleet.start_worker(srvid)
-    wait_for(lambda: repo.snapshots(srvid) >= 1, 15, "a first snapshot")
-    assert force(fleet, srvid) == {"status": "ERROR",
-                                   "data": "Last snapshot was less than 10s. ago"}
-    time.sleep(10.5)
+    wait_for(lambda: fleet.status(srvid), 15, "the worker to start")
     answer = force(fleet, srvid)
     assert answer["status"] == "OK"
     assert answer["data"] in ("Snapshot in progress", "Snapshot will begin shortly")
-    wait_for(lambda: repo.snapshots(srvid) >= 2, 10, "the forced snapshot")
+    wait_for(lambda: repo.snapshots(srvid) >= 1, 10, "the forced snapshot")
+    # the 10 s rule itself is tested with a clock in tests/unit/test_worker_parts.py
+    assert force(fleet, srvid) == {"status": "ERROR",
+                                   "data": "Last snapshot was less than 10s. ago"}
 
 
 def slow_take_snapshot(repo: Repo, seconds: float) -> None:
@@ -334,3 +337,46 @@ def test_a_remote_frozen_outside_a_snapshot_cannot_stall_the_worker(
     count = repo.snapshots(srvid)
     wait_for(lambda: repo.snapshots(srvid) > count, 20, "snapshots on a new connection")
     assert worker.poll() is None
+
+
+def test_a_forged_or_replayed_command_is_ignored(fleet: Fleet, repo: Repo) -> None:
+    srvid = repo.srvids[0]
+    repo.due_in(srvid, 250, frequency=300)
+    fleet.start_worker(srvid)
+    wait_for(lambda: fleet.status(srvid), 15, "the worker to start")
+    queue = f"{fleet.prefix}:commands:{srvid}"
+    reply = f"{fleet.prefix}:reply:forged"
+    plain = json.dumps({"command": "force_snapshot", "reply_to": reply})
+    wrong_key = mailbox.seal(b"not the fleet's key", {"command": "force_snapshot",
+                                                       "reply_to": reply})
+    sealed = json.loads(mailbox.seal(mailbox.fleet_key(fleet.directory),
+                                     {"command": "force_snapshot", "reply_to": reply}))
+    body = json.loads(sealed["body"])
+    # a captured request, its expiry pushed back: the signature no longer matches
+    replayed = json.dumps({"body": json.dumps({**body, "expires": body["expires"] + 3600}),
+                           "mac": sealed["mac"]})
+    with fleet.redis() as client:
+        for forged in (plain, wrong_key, replayed):
+            client.rpush(queue, forged)
+        assert client.blpop([reply], timeout=3) is None
+    wait_for(lambda: fleet.log(srvid).count("ignored a command") == 3, 5, "three refusals")
+    assert "bad signature" in fleet.log(srvid)
+    assert repo.snapshots(srvid) == 0
+    # the fleet's own control still gets its answers
+    assert force(fleet, srvid)["status"] == "OK"
+
+
+def test_two_workers_of_one_server_do_not_fight_over_its_status(fleet: Fleet, repo: Repo) -> None:
+    srvid = repo.srvids[1]
+    repo.due_in(srvid, 250, frequency=300)
+    first = fleet.start_worker(srvid)
+    wait_for(lambda: (fleet.status(srvid) or {}).get("pid") == first.pid, 15, "the first")
+    second = fleet.start_worker(srvid, log=fleet.directory / "second.log")
+    wait_for(lambda: "publishes its status" in (fleet.directory / "second.log").read_text(),
+             15, "the second worker to stand aside")
+    for _ in range(10):
+        assert (fleet.status(srvid) or {}).get("pid") == first.pid
+        time.sleep(0.3)
+    # the first one stops: the second one takes the status over at once
+    stop_process(first)
+    wait_for(lambda: (fleet.status(srvid) or {}).get("pid") == second.pid, 15, "the second")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ from collector.keys import (
     status_channel,
     status_key,
 )
-from collector.logs import one_line
+from collector.logs import Outage
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +128,14 @@ class LiveBoard(threading.Thread):
     # ---------------------------------------------------------------- following
     def run(self) -> None:
         backoff = Backoff(initial=0.5, maximum=10.0)
+        # one line when Redis goes, one when it is back: not one per attempt
+        outage = Outage(log, "live status board lost Redis")
         while not self._closing.is_set():
             try:
-                self._follow()
+                self._follow(lambda: outage.recovered("live status board following Redis again"))
             except (redis.RedisError, OSError, ValueError) as exc:
                 if not self._closing.is_set():
-                    log.warning("live status board lost Redis: %s", one_line(exc))
+                    outage.failed(exc)
             except Exception:
                 # closing the client under a blocked read ends up here too
                 if not self._closing.is_set():
@@ -141,11 +144,12 @@ class LiveBoard(threading.Thread):
                 self._synced = False
             self._closing.wait(backoff.next_delay())
 
-    def _follow(self) -> None:
+    def _follow(self, synced: Callable[[], object]) -> None:
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         try:
             pubsub.subscribe(*self.channels)
             self._load()
+            synced()
             while not self._closing.is_set():
                 message = pubsub.get_message(timeout=1.0)
                 if message is not None:

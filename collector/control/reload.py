@@ -30,9 +30,10 @@ from dataclasses import dataclass
 
 import psycopg
 
-from collector import config, logs, repository
+from collector import config, counters, logs, repository
 from collector.config import Config
 from collector.control.board import StatusBoard, WorkerView
+from collector.control.healer import Healer
 from collector.errors import ConfigError, FleetError
 from collector.fleet import files
 from collector.fleet.supervisord import ApplyReport, Supervisor
@@ -43,6 +44,8 @@ log = logging.getLogger("collector.control")
 
 #: answer a RELOAD whose plan succeeded at the latest this long after it was asked
 ANSWER_WITHIN = 1.0
+#: the programs are looked after this often (seconds) when no reload runs
+HEAL_EVERY = 15.0
 #: supervisord states with a worker process that read its row already
 ALIVE = ("STARTING", "RUNNING")
 
@@ -76,6 +79,9 @@ class Reloader(threading.Thread):
         self.fingerprints: dict[int, str] = {}
         #: a run is under way (for tests and the operator)
         self.busy = threading.Event()
+        first = cfg.collector.restart_fatal_after
+        self.healer = Healer(first_delay=first) if first else None
+        self.heal_every = min(HEAL_EVERY, max(1.0, first / 2))
 
     def request(self, requester: Requester) -> None:
         """Queue a reload for ``requester`` (answered later, through ``outbox``)."""
@@ -95,7 +101,10 @@ class Reloader(threading.Thread):
     def run(self) -> None:
         self.fingerprints = self._baseline()
         while not self.cancel.is_set():
-            self._wake.wait()
+            if not self._wake.wait(self.heal_every):
+                if self.healer is not None:
+                    self._heal()
+                continue
             with self._lock:
                 self._wake.clear()
                 run = _Run(self._queued, self._queued_at)
@@ -107,6 +116,19 @@ class Reloader(threading.Thread):
                 finally:
                     self.busy.clear()
 
+    def _heal(self) -> None:
+        """Start again the programs supervisord gave up on (see collector.control.healer)."""
+        assert self.healer is not None
+        supervisor = Supervisor(self.cfg.supervisor_socket, timeout=30)
+        try:
+            due = self.healer.due(supervisor.all_processes(), time.time())
+            for name in due:
+                log.warning("%s: starting it again (attempt %d; supervisord had given up)",
+                            name, self.healer.attempts(name))
+                supervisor.start(name)
+        except FleetError as exc:
+            log.warning("cannot look after FATAL programs now: %s", logs.one_line(exc))
+
     def _serve(self, run: _Run) -> None:
         started = time.monotonic()
         try:
@@ -114,6 +136,7 @@ class Reloader(threading.Thread):
         except (FleetError, psycopg.Error) as exc:
             log.error("reload failed: %s", logs.one_line(exc))
             self._answer(run, "ERROR", logs.one_line(exc))
+            counters.record_reload(self.cfg.redis, "error", time.monotonic() - started)
             return
         timer = threading.Timer(max(0.0, run.asked_at + ANSWER_WITHIN - time.monotonic()),
                                 self._answer, (run, "OK", "OK"))
@@ -126,9 +149,11 @@ class Reloader(threading.Thread):
             log.error("reload failed while applying: %s", logs.one_line(exc))
             timer.cancel()
             self._answer(run, "ERROR", logs.one_line(exc))
+            counters.record_reload(self.cfg.redis, "error", time.monotonic() - started)
             return
         timer.cancel()
         self._answer(run, "OK", "OK")
+        counters.record_reload(self.cfg.redis, "ok", time.monotonic() - started)
         log.info(
             "reload done in %.2fs: %d new, %d removed, %d started, %d stopped, %d re-read",
             time.monotonic() - started, len(generated.added), len(generated.removed),
@@ -139,6 +164,8 @@ class Reloader(threading.Thread):
         self._reread_config()
         servers = self._servers()
         generated = files.generate(self.cfg, [s.srvid for s in servers])
+        if generated.restart_needed:
+            log.warning("%s", generated.lines()[-1])
         supervisor = Supervisor(self.cfg.supervisor_socket)
         # restarting itself from inside a request would kill this very request
         return servers, generated, supervisor, supervisor.plan(keep=CONTROL)
@@ -160,9 +187,6 @@ class Reloader(threading.Thread):
             if getattr(fresh, name) != getattr(self.cfg, name):
                 log.warning("needs restart: [%s] changed, the control takes it at its next"
                             " restart (supervisorctl restart control)", name)
-        if fresh.supervisor != self.cfg.supervisor:
-            log.warning("needs restart: [supervisor] changed, supervisord takes it when it"
-                        " is restarted (the whole fleet restarts with it)")
         logs.REDACTOR.add(*fresh.secrets())
         self.cfg = fresh
 

@@ -14,7 +14,8 @@ collector page and its "Reload collector" button work unchanged:
   thread of its own (collector.control.reload), so that the loop goes on
   answering while hundreds of programs stop or start;
 * ``FORCE_SNAPSHOT srvid``: asked to the worker itself through Redis;
-* ``REFRESH_DB_CAT``: validated, then refused (PoWA 4 has no catalogs).
+* ``REFRESH_DB_CAT``: queued by the worker for its next snapshot (PoWA 5; refused
+  on PoWA 4, which has no catalogs).
 
 Only backends whose role may signal other backends get an answer other than
 ``ERROR Permission denied``.  Every field of a request is untrusted: the
@@ -33,39 +34,31 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
-from collector import config, daemon, logs, mailbox, repository
+from collector import config, counters, daemon, logs, repository
 from collector.backoff import Backoff
 from collector.control import protocol
-from collector.control.board import DISABLED, StatusBoard, WorkerView
+from collector.control.admission import Admission, Incoming, permission
+from collector.control.board import StatusBoard
+from collector.control.commands import WORKER_REPLY_TIMEOUT, Commands
+from collector.control.exclusive import Exclusive
 from collector.control.liveboard import LiveBoard
 from collector.control.protocol import Request
 from collector.control.reload import Reloader
 from collector.errors import EXIT_OK, FleetError, ProtocolError
 from collector.keys import (
     client,
-    program_name,
 )
 from collector.pg import Conn, PowaExtension
 from collector.wakeup import SignalFlags, Wakeup
 
 log = logging.getLogger("collector.control")
 
-#: how long FORCE_SNAPSHOT waits for the worker's answer
-WORKER_REPLY_TIMEOUT = 1.0
 #: the repository connection is checked this often when no notification comes
 HEALTH_CHECK = 10.0
 #: the control stops within this (a reload under way is left to supervisord); the
 #: generated stopwaitsecs (collector.fleet.files.CONTROL_STOPWAIT) is above it
 STOP_GRACE = 5.0
 
-_PERMISSION_14 = sql.SQL(
-    "SELECT pg_catalog.pg_has_role(a.usesysid, 'pg_signal_backend', 'USAGE')"
-    " FROM pg_catalog.pg_stat_activity a WHERE a.pid = %s"
-)
-_PERMISSION_OLD = sql.SQL(
-    "SELECT pg_catalog.has_table_privilege(a.usesysid, {}, 'INSERT')"
-    " FROM pg_catalog.pg_stat_activity a WHERE a.pid = %s"
-)
 
 
 class Control:
@@ -79,16 +72,17 @@ class Control:
         self.live = LiveBoard(self.board)
         self.redis = client(cfg.redis.url, socket_timeout=WORKER_REPLY_TIMEOUT + 2)
         self.reloader = Reloader(cfg, self.board, self.wakeup.notify)
+        self.exclusive = Exclusive(cfg, self.redis)
+        self.admission = Admission(self.allowed)
         self.backoff = Backoff(initial=0.5, maximum=30.0)
         self.lost_at: float | None = None
         self.last_check = 0.0
-        #: the last whole-fleet statuses from the live board, and their JSON
-        self._fleet_answer: tuple[dict[int, str] | None, str] = (None, "")
+        self.commands = Commands(cfg, self.board, self.live, self.redis, lambda: self.powa)
         self.handlers: dict[str, Callable[[Request], tuple[str, str] | None]] = {
             "RELOAD": self.do_reload,
-            "WORKERS_STATUS": self.do_workers_status,
-            "FORCE_SNAPSHOT": self.do_force_snapshot,
-            "REFRESH_DB_CAT": self.do_refresh_db_cat,
+            "WORKERS_STATUS": self.commands.workers_status,
+            "FORCE_SNAPSHOT": self.commands.force_snapshot,
+            "REFRESH_DB_CAT": self.commands.refresh_db_cat,
         }
 
     # ------------------------------------------------------------------ life cycle
@@ -128,6 +122,7 @@ class Control:
         self._send_reload_answers()
         if not ready and time.monotonic() - self.last_check >= HEALTH_CHECK:
             self.conn.execute("SELECT 1")
+            self.exclusive.refresh()
             self.last_check = time.monotonic()
         self._drain()
 
@@ -140,11 +135,18 @@ class Control:
         """
         assert self.conn is not None
         while not self.flags.stop:
-            batch = list(self.conn.notifies(timeout=0))
+            own = self.conn.info.backend_pid
+            # our own NOTIFYs are never requests, whatever they say
+            batch = [Incoming(n.pid, n.payload) for n in self.conn.notifies(timeout=0)
+                     if n.pid != own]
             if not batch:
                 return
-            for notify in batch:
-                self.handle(notify.payload, notify.pid)
+            privileged, refused = self.admission.sort(batch)
+            for item in privileged:
+                self.handle(item.payload, item.pid, allowed=True)
+            for item in refused:
+                if self.admission.answer_refusal(item.pid):
+                    self.handle(item.payload, item.pid, allowed=False)
 
     def _connect(self) -> bool:
         conn = None
@@ -155,6 +157,9 @@ class Control:
                                       self.cfg.repository.connect_timeout)
             conn.autocommit = True
             self.powa = repository.require_powa(conn)
+            if self.exclusive.refusal(conn) is not None:
+                conn.close()
+                return False
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(protocol.CHANNEL)))
         except (psycopg.Error, FleetError) as exc:
             if conn is not None:
@@ -190,6 +195,7 @@ class Control:
         daemon.teardown(log, [
             ("reload", lambda: self.reloader.close(STOP_GRACE)),
             ("repository", lambda: self.conn.close() if self.conn else None),
+            ("redis claim", self.exclusive.release),
             ("board", self.board.close),
             ("live board", self.live.close),
             ("redis", self.redis.close),
@@ -198,23 +204,20 @@ class Control:
         ])
 
     # ------------------------------------------------------------------ requests
-    def handle(self, payload: str, pid: int) -> None:
+    def handle(self, payload: str, pid: int, allowed: bool) -> None:
         """Serve one notification; nothing a request holds can stop the loop."""
         assert self.conn is not None
-        if pid == self.conn.info.backend_pid:
-            # our own NOTIFY: never a request, whatever it says
-            return
+        started = time.monotonic()
         request = protocol.parse(payload, pid)
         problem = protocol.channel_problem(request.channel)
         if problem:
             log.warning("request from pid %d refused, %s: %r", pid, problem, payload[:200])
+            counters.record_request(self.cfg.redis, request.command, ("REFUSED", problem),
+                                    time.monotonic() - started)
             return
         log.debug("request from pid %d: %r", pid, payload[:200])
         try:
-            if self.allowed(pid):
-                outcome = self.dispatch(request)
-            else:
-                outcome = "ERROR", "Permission denied"
+            outcome = self.dispatch(request) if allowed else ("ERROR", "Permission denied")
         except Exception as exc:
             if self._broken():
                 raise
@@ -223,6 +226,8 @@ class Control:
         # None: answered later (a reload under way)
         if outcome is not None and request.answers:
             self.answer(request.channel, request.command, *outcome)
+        counters.record_request(self.cfg.redis, request.command, outcome,
+                                time.monotonic() - started)
 
     def answer(self, channel: str, command: str, status: str, data: str) -> None:
         try:
@@ -241,6 +246,10 @@ class Control:
     def _broken(self) -> bool:
         return self.conn is None or self.conn.closed or self.conn.broken
 
+    def do_reload(self, request: Request) -> None:
+        """Queued for the reload thread; a burst of RELOADs is served by one reload."""
+        self.reloader.request(request.channel if request.answers else None)
+
     def dispatch(self, request: Request) -> tuple[str, str] | None:
         handler = self.handlers.get(request.command)
         if handler is None:
@@ -254,72 +263,14 @@ class Control:
             return "ERROR", reason
 
     def allowed(self, pid: int) -> bool:
-        """May the sending backend's role signal backends (PostgreSQL 14+ rule)?"""
         assert self.conn is not None and self.powa is not None
-        if self.conn.info.server_version >= 140000:
-            row = self.conn.execute(_PERMISSION_14, (pid,)).fetchone()
-        else:
-            # the quoted name as text: has_table_privilege parses it like SQL would
-            table = sql.Literal(self.powa.name("powa_statements").as_string(self.conn))
-            row = self.conn.execute(_PERMISSION_OLD.format(table), (pid,)).fetchone()
-        # no row: the sender is gone, deny
-        return bool(row and row[0] is True)
+        return permission(self.conn, self.powa, pid)
 
     def notify(self, channel: str, payload: str) -> None:
         assert self.conn is not None
         self.conn.execute(
             sql.SQL("NOTIFY {}, {}").format(sql.Identifier(channel), sql.Literal(payload))
         )
-
-    # ------------------------------------------------------------------ commands
-    def do_workers_status(self, request: Request) -> tuple[str, str]:
-        if not request.answers:
-            return "OK", ""
-        wanted = None
-        # like upstream: only the first argument counts, a non-number means all
-        if request.args and protocol.is_id(request.args[0]):
-            wanted = int(request.args[0])
-        statuses = None if wanted is not None else self.live.statuses()
-        if statuses is None:
-            # one server, or the live picture is incomplete: ask supervisord and Redis now
-            statuses = self.board.statuses(wanted)
-        elif statuses is self._fleet_answer[0]:
-            # unchanged since the last request: the live board hands the same dict back
-            return "OK", self._fleet_answer[1]
-        room = protocol.MAX_PAYLOAD - len(f"{request.command} OK ".encode())
-        data = protocol.workers_status_json(statuses, room)
-        if wanted is None:
-            self._fleet_answer = (statuses, data)
-        return "OK", data
-
-    def do_reload(self, request: Request) -> None:
-        """Queued for the reload thread; a burst of RELOADs is served by one reload."""
-        self.reloader.request(request.channel if request.answers else None)
-
-    def do_force_snapshot(self, request: Request) -> tuple[str, str]:
-        srvid = protocol.parse_srvid(request.args)
-        view = self._view(srvid)
-        if view.status == DISABLED:
-            raise ProtocolError(f"Server id {srvid} is disabled (no symlink in workers_enabled/)")
-        if view.program_state != "RUNNING":
-            raise ProtocolError(f"{program_name(srvid)} is not running ({view.status})")
-        return mailbox.ask(self.redis, self.cfg.redis.prefix, srvid, "force_snapshot",
-                           WORKER_REPLY_TIMEOUT)
-
-    def do_refresh_db_cat(self, request: Request) -> tuple[str, str]:
-        srvid, _ = protocol.parse_refresh_db_cat(request.args)
-        self._view(srvid)
-        assert self.powa is not None
-        raise ProtocolError(
-            f"REFRESH_DB_CAT needs PoWA 5 or later on the repository: it has PoWA"
-            f" {self.powa.version}, which keeps no per-database catalogs"
-        )
-
-    def _view(self, srvid: int) -> WorkerView:
-        views = self.board.views(srvid)
-        if not views:
-            raise ProtocolError(f"Server id {srvid} not found")
-        return views[0]
 
 
 def main(argv: list[str] | None = None) -> int:

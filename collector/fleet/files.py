@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from collector.config import Config
-from collector.errors import EXPECTED_EXIT_CODES, ConfigError, FleetError
+from collector.errors import EXPECTED_EXIT_CODES, ConfigError, FleetError, UsageError
 from collector.fleet.supervisord import MAX_SOCKET_PATH
-from collector.keys import CONTROL, LISTENER, program_name
+from collector.keys import CONTROL, LISTENER, METRICS, program_name
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ class Report:
     removed: list[int] = field(default_factory=list)
     kept_disabled: list[int] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
+    #: sections of supervisord.conf that supervisord reads only when it starts
+    restart_needed: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         lines = [
@@ -78,6 +80,9 @@ class Report:
         lines += [f"{program_name(s)}: disabled (no symlink in workers_enabled/)"
                   for s in self.kept_disabled]
         lines += [f"wrote {path}" for path in self.written]
+        if self.restart_needed:
+            lines.append(f"needs restart: supervisord reads [{'], ['.join(self.restart_needed)}]"
+                         " only when it starts: restart it (the whole fleet restarts with it)")
         return lines or ["nothing changed"]
 
 
@@ -111,11 +116,16 @@ PROGRAM_DEFAULTS = """\
 ; supervisord's defaults are what a long-lived collector wants, so they are not
 ; repeated (every line of every program file costs supervisord time on each
 ; reload of a large fleet): autostart = true, autorestart = unexpected,
-; stopsignal = TERM, startsecs = 1, startretries = 3.  The programs stay up
-; while servers are down, so only a crash at start-up counts as a retry; when
-; they exit on purpose (exit codes below) they do it after startsecs, so that
-; supervisord honours exitcodes and does not restart them.
+; stopsignal = TERM, startretries = 3.  The programs stay up while servers
+; are down, so only a crash at start-up counts as a retry; when they exit on
+; purpose (exit codes below) they do it after startsecs, so that supervisord
+; honours exitcodes and does not restart them.  startsecs is 3, not 1: a busy
+; host takes more than a second to start Python, and a configuration error
+; must end FATAL (three failed starts), not look like a clean exit.
 """
+
+#: supervisord's startsecs for the fleet's programs (see collector.daemon.MIN_UPTIME)
+STARTSECS = 3
 
 
 def _program(
@@ -126,6 +136,7 @@ def _program(
         f"[program:{name}]",
         "command = " + _command(python, "-m", module, "-c", str(cfg.path), *args),
         "exitcodes = " + ",".join(str(c) for c in EXPECTED_EXIT_CODES),
+        f"startsecs = {STARTSECS}",
         f"stopwaitsecs = {stopwaitsecs}",
         # the whole process group stops with the program (killasgroup follows)
         "stopasgroup = true",
@@ -149,6 +160,12 @@ def _sha_password(password: str) -> str:
 
 def _round_up(value: int, step: int = 1024) -> int:
     return (value + step - 1) // step * step
+
+
+def _metrics_program(cfg: Config, python: str) -> list[str]:
+    if not cfg.metrics.enabled:
+        return []
+    return [*_program(cfg, python, METRICS, "collector.metrics", stopwaitsecs=10), ""]
 
 
 def render_supervisord(cfg: Config, python: str, workers: int) -> str:
@@ -194,6 +211,7 @@ def render_supervisord(cfg: Config, python: str, workers: int) -> str:
         # started before the workers, stopped after them
         "priority = 900",
         "",
+        *_metrics_program(cfg, python),
         # program states pushed to Redis: the control process answers from them
         f"[eventlistener:{LISTENER}]",
         "command = " + _command(python, "-m", "collector.fleet.programs", "-c", str(cfg.path)),
@@ -219,6 +237,28 @@ def render_supervisord(cfg: Config, python: str, workers: int) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+#: sections of supervisord.conf that a reloadConfig / update does not apply
+HELD_SECTIONS = ("supervisord", "unix_http_server", "inet_http_server", "supervisorctl")
+
+
+def held_changes(old: str, new: str) -> list[str]:
+    """Sections supervisord holds itself (web UI, logging...) that differ between two texts."""
+    before, after = _sections(old), _sections(new)
+    return [name for name in sorted(set(before) | set(after))
+            if name in HELD_SECTIONS and before.get(name) != after.get(name)]
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    sections: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("[") and line.rstrip().endswith("]"):
+            current = sections.setdefault(line.strip()[1:-1], [])
+        elif line.strip() and not line.lstrip().startswith(";"):
+            current.append(line.strip())
+    return sections
 
 
 def write_atomic(path: Path, text: str, mode: int = FILE_MODE) -> bool:
@@ -263,6 +303,28 @@ def enabled(cfg: Config) -> set[int]:
     return _ids(cfg.workers_enabled, lambda p: p.is_symlink() and p.exists())
 
 
+def check_enabled(cfg: Config) -> None:
+    """Refuse a ``workers_enabled/`` that supervisord must not load.
+
+    supervisord includes every ``workers_enabled/*.conf``: a file there that is
+    not a symlink to the program file of the same name in ``workers_available/``
+    (a copy, or a link to any other file) could run any program as
+    ``worker_N``.  FleetError naming each, before anything is applied.
+    """
+    if not cfg.workers_enabled.is_dir():
+        return
+    available_dir = cfg.workers_available.resolve()
+    problems = []
+    for entry in sorted(cfg.workers_enabled.glob("*.conf")):
+        good = (WORKER_FILE.fullmatch(entry.name) and entry.is_symlink()
+                and entry.resolve() == available_dir / entry.name)
+        if not good:
+            problems.append(f"{entry} is not a symlink to {available_dir / entry.name}:"
+                            " remove it (supervisord would load it)")
+    if problems:
+        raise UsageError("\n".join(problems))
+
+
 def _ids(directory: Path, keep: Callable[[Path], bool]) -> set[int]:
     if not directory.is_dir():
         return set()
@@ -277,7 +339,11 @@ def _ids(directory: Path, keep: Callable[[Path], bool]) -> set[int]:
 @contextlib.contextmanager
 def locked(cfg: Config) -> Iterator[None]:
     """One generation at a time per fleet (the operator's and control's RELOAD)."""
-    with (cfg.directory / ".fleet.lock").open("a") as handle:
+    fd = os.open(cfg.directory / ".fleet.lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+    # a lock file left 0644 by an older version is tightened (if it is ours)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, FILE_MODE)
+    with os.fdopen(fd, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -298,6 +364,7 @@ def generate(cfg: Config, srvids: Iterable[int], python: str = sys.executable) -
     try:
         prepare_directories(cfg)
         with locked(cfg):
+            check_enabled(cfg)
             existing = available(cfg)
             for srvid in wanted:
                 path = worker_file(cfg, srvid)
@@ -321,7 +388,10 @@ def generate(cfg: Config, srvids: Iterable[int], python: str = sys.executable) -
                     enabled_link(cfg, srvid).unlink()
                 worker_file(cfg, srvid).unlink()
                 report.removed.append(srvid)
-            if write_atomic(cfg.supervisord_conf, render_supervisord(cfg, python, len(wanted))):
+            conf = render_supervisord(cfg, python, len(wanted))
+            with contextlib.suppress(FileNotFoundError):
+                report.restart_needed = held_changes(cfg.supervisord_conf.read_text(), conf)
+            if write_atomic(cfg.supervisord_conf, conf):
                 report.written.append(cfg.supervisord_conf)
     except OSError as exc:
         raise FleetError(f"cannot write the fleet in {cfg.directory}: {exc}") from None
@@ -331,12 +401,13 @@ def generate(cfg: Config, srvids: Iterable[int], python: str = sys.executable) -
 def set_enabled(cfg: Config, srvid: int, enable: bool) -> bool:
     """Create or remove the symlink of one server; True if something changed."""
     if not worker_file(cfg, srvid).is_file():
-        raise FleetError(
+        raise UsageError(
             f"{program_name(srvid)} is not in {cfg.workers_available}: "
             "is the server in powa_servers? run create_supervisord_config.py first"
         )
     link = enabled_link(cfg, srvid)
     with locked(cfg):
+        check_enabled(cfg)
         if enable == link.is_symlink():
             return False
         if enable:

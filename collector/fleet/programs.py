@@ -39,6 +39,8 @@ from collector.keys import ALIVE_TTL, alive_key, client, programs_key
 
 log = logging.getLogger("collector.fleet.programs")
 
+#: the table outlives its listener this long (it is refreshed on every tick)
+TABLE_TTL = 300
 #: the table is read again from supervisord every this many ticks (of 5 s)
 RESYNC_TICKS = 12
 
@@ -149,6 +151,8 @@ class Table:
                     pipe.hset(self.key, name, json.dumps(state))
                     pipe.publish(self.key, json.dumps({"name": name, **state}))
                 pipe.set(self.alive, "1", ex=ALIVE_TTL)
+                # a fleet that is gone leaves nothing behind for long
+                pipe.expire(self.key, TABLE_TTL)
                 pipe.execute()
         except redis.RedisError as exc:
             if not self.failing:

@@ -124,6 +124,12 @@ class Supervisor:
         info = self._call("getProcessInfo", name, tolerate=("BAD_NAME",))
         return cast(dict[str, Any] | None, info)
 
+    def start(self, name: str) -> bool:
+        """Start a program without waiting; False when it runs already or is unknown."""
+        started = self._call("startProcess", name, False,
+                             tolerate=("ALREADY_STARTED", "BAD_NAME"))
+        return bool(started)
+
     def signal(self, name: str, signame: str) -> bool:
         """Send a signal to a running program; False when it is not running."""
         sent = self._call("signalProcess", name, signame, tolerate=("NOT_RUNNING", "BAD_NAME"))

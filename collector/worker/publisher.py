@@ -10,7 +10,9 @@ written again as soon as Redis answers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -18,10 +20,37 @@ from typing import Any
 import redis
 
 from collector.backoff import Backoff
-from collector.keys import client, dumps, heartbeat_channel, iso, status_channel, status_key
+from collector.keys import (
+    client,
+    dumps,
+    heartbeat_channel,
+    iso,
+    owner_key,
+    status_channel,
+    status_key,
+)
 from collector.logs import Outage
 
 log = logging.getLogger(__name__)
+
+#: the status key, the channel message and the owner's pid, in one step; a key
+#: owned by another live worker of the same server is left alone (its pid returned)
+_PUBLISH = """
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[1] then
+    return owner
+end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+redis.call('PUBLISH', KEYS[3], ARGV[4])
+return false
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 
 class StatusPublisher(threading.Thread):
@@ -45,6 +74,12 @@ class StatusPublisher(threading.Thread):
         self._backoff = Backoff(initial=0.5, maximum=self.heartbeat)
         #: set once a document is in Redis; tests and the final write wait on it
         self.written = threading.Event()
+        self.pid = os.getpid()
+        self.owner_key = owner_key(prefix, srvid)
+        self._publish = self.redis.register_script(_PUBLISH)
+        self._release = self.redis.register_script(_RELEASE)
+        #: pid of the other worker that owns this server's status, while one does
+        self._other: bytes | None = None
 
     def update(self, document: dict[str, Any]) -> None:
         """Hand over a new status (non-blocking); the thread writes it."""
@@ -70,23 +105,38 @@ class StatusPublisher(threading.Thread):
         # what changed, other than the heartbeat itself, is published
         comparable = dumps({k: v for k, v in document.items() if k != "updated_at"})
         text = dumps(document)
+        if comparable != self._published:
+            channel, message = self.channel, text
+        else:
+            # nothing changed: followers only learn the worker is alive
+            channel, message = self.heartbeat_channel, f"{self.srvid} {document.get('pid')}"
         try:
-            with self.redis.pipeline(transaction=False) as pipe:
-                pipe.set(self.key, text, ex=self.ttl)
-                if comparable != self._published:
-                    pipe.publish(self.channel, text)
-                else:
-                    # nothing changed: followers only learn the worker is alive
-                    pipe.publish(self.heartbeat_channel, f"{self.srvid} {document.get('pid')}")
-                pipe.execute()
+            owner = self._publish(
+                keys=[self.key, self.owner_key, channel],
+                args=[str(self.pid), text, self.ttl, message],
+            )
         except redis.RedisError as exc:
             self._outage.failed(exc)
             return False
+        if owner is not None:
+            self._not_owner(owner)
+            return True
         self._outage.recovered("status written to Redis again")
+        if self._other is not None:
+            log.info("publishing the status of server %d again", self.srvid)
+            self._other = None
         self._backoff.reset()
         self._published = comparable
         self.written.set()
         return True
+
+    def _not_owner(self, owner: bytes) -> None:
+        if owner != self._other:
+            log.warning("another worker of server %d (pid %s) publishes its status: this one"
+                        " (pid %d) does not (the repository lets one snapshot of a server run"
+                        " at a time, whoever takes it)", self.srvid,
+                        owner.decode(errors="replace"), self.pid)
+            self._other = owner
 
     def close(self, final: dict[str, Any] | None = None, timeout: float = 2.0) -> None:
         """Stop the thread, writing ``final`` once more if Redis answers quickly."""
@@ -97,6 +147,9 @@ class StatusPublisher(threading.Thread):
             # bounded by the client's connect and socket timeouts
             self.update(final)
             self._write()
+        # the next worker of this server (a restart) publishes at once
+        with contextlib.suppress(redis.RedisError):
+            self._release(keys=[self.owner_key], args=[str(self.pid)])
         self.redis.close()
 
 

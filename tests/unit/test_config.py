@@ -81,13 +81,15 @@ def test_every_problem_is_reported_with_file_section_and_key(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("[redis]\nurl = redis://x\n", "[repository]: missing section"),
+    ("[redis]\nurl = redis://127.0.0.1\n", "[repository]: missing section"),
     (GOOD.replace("dsn = postgresql://powa@127.0.0.1:5432/powa", "dsn ="), "[repository] dsn"),
     (GOOD.replace("dsn = postgresql://powa@127.0.0.1:5432/powa", "dsn = host=x bogus=1"),
      "[repository] dsn: not a valid"),
     (GOOD.replace("redis://127.0.0.1:6379/0", "http://x"), "[redis] url"),
     (GOOD.replace("redis://127.0.0.1:6379/0", "redis://:pw@[::1/0"), "[redis] url: not a valid"),
     (GOOD.replace("redis://127.0.0.1:6379/0", "redis://h:99999/0"), "[redis] url: not a valid"),
+    (GOOD.replace("redis://127.0.0.1:6379/0", "redis://10.1.2.3:6379/0"),
+     "[redis] url: 10.1.2.3 is not a loopback address: give Redis a password"),
     (GOOD.replace("http = 127.0.0.1:9001", "http = 0.0.0.0:9001").replace(
         "password = change-me", "password ="), "[supervisor] http: 0.0.0.0:9001 is not a loopback"),
     (GOOD.replace("http = 127.0.0.1:9001", "http = :9001").replace(
@@ -150,3 +152,15 @@ def test_programs_exit_2_with_one_line_per_problem(tmp_path: Path, program: list
     assert len(lines) == 2, result.stderr
     assert all(str(bad) in line for line in lines)
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("url", [
+    "redis://:secret@10.1.2.3:6379/0", "rediss://10.1.2.3:6380/0?ssl_certfile=/etc/c.pem",
+    "redis://localhost:6379/0", "redis://[::1]:6379/0", "unix:///run/redis/redis.sock",
+])
+def test_redis_off_loopback_needs_a_password_or_a_client_certificate(
+    tmp_path: Path, url: str
+) -> None:
+    path = tmp_path / "collector.cfg"
+    path.write_text(GOOD.replace("redis://127.0.0.1:6379/0", url))
+    assert config.load(path).redis.url == url

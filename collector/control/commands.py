@@ -1,0 +1,97 @@
+"""The control's answers to WORKERS_STATUS, FORCE_SNAPSHOT and REFRESH_DB_CAT.
+
+WORKERS_STATUS of a whole fleet comes from the live board (Redis channels,
+no supervisord call) and is cached while nothing changes; one server's from
+the live board too when it is complete, else from supervisord and Redis.
+FORCE_SNAPSHOT and REFRESH_DB_CAT are checked here (server known, enabled,
+its program running) and asked to the worker through the mailbox, whose
+answer is the protocol's answer.  RELOAD is the reload thread's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import redis
+
+from collector import mailbox
+from collector.config import Config
+from collector.control import protocol
+from collector.control.board import DISABLED, StatusBoard, WorkerView
+from collector.control.liveboard import LiveBoard
+from collector.control.protocol import Request
+from collector.errors import ProtocolError
+from collector.keys import program_name
+from collector.pg import PowaExtension
+
+#: how long FORCE_SNAPSHOT and REFRESH_DB_CAT wait for the worker's answer
+WORKER_REPLY_TIMEOUT = 1.0
+
+
+class Commands:
+    def __init__(self, cfg: Config, board: StatusBoard, live: LiveBoard,
+                 connection: redis.Redis, powa: Callable[[], PowaExtension | None]) -> None:
+        self.cfg = cfg
+        self.board = board
+        self.live = live
+        self.redis = connection
+        #: the repository's PoWA, as the control's connection last saw it
+        self.powa = powa
+        self.mailbox_key = mailbox.fleet_key(cfg.directory)
+        #: the last whole-fleet statuses from the live board, and their JSON
+        self._fleet_answer: tuple[dict[int, str] | None, str] = (None, "")
+
+    def workers_status(self, request: Request) -> tuple[str, str]:
+        if not request.answers:
+            return "OK", ""
+        wanted = None
+        # like upstream: only the first argument counts, a non-number means all
+        if request.args and protocol.is_id(request.args[0]):
+            wanted = int(request.args[0])
+        statuses = None if wanted is not None else self.live.statuses()
+        if statuses is None:
+            # one server, or the live picture is incomplete: ask supervisord and Redis now
+            statuses = self.board.statuses(wanted)
+        elif statuses is self._fleet_answer[0]:
+            # unchanged since the last request: the live board hands the same dict back
+            return "OK", self._fleet_answer[1]
+        room = protocol.MAX_PAYLOAD - len(f"{request.command} OK ".encode())
+        data = protocol.workers_status_json(statuses, room)
+        if wanted is None:
+            self._fleet_answer = (statuses, data)
+        return "OK", data
+
+    def force_snapshot(self, request: Request) -> tuple[str, str]:
+        srvid = protocol.parse_srvid(request.args)
+        view = self._view(srvid)
+        if view.status == DISABLED:
+            raise ProtocolError(f"Server id {srvid} is disabled (no symlink in workers_enabled/)")
+        if view.program_state != "RUNNING":
+            raise ProtocolError(f"{program_name(srvid)} is not running ({view.status})")
+        return mailbox.ask(self.redis, self.cfg.redis.prefix, srvid, "force_snapshot",
+                           WORKER_REPLY_TIMEOUT, key=self.mailbox_key)
+
+    def refresh_db_cat(self, request: Request) -> tuple[str, str]:
+        """Queued by the worker for its next snapshot (PoWA 5 keeps per-database catalogs)."""
+        srvid, dbnames = protocol.parse_refresh_db_cat(request.args)
+        view = self._view(srvid)
+        powa = self.powa()
+        assert powa is not None
+        if protocol.powa_major(powa.version) < 5:
+            raise ProtocolError(
+                f"REFRESH_DB_CAT needs PoWA 5 or later on the repository: it has PoWA"
+                f" {powa.version}, which keeps no per-database catalogs"
+            )
+        if view.status == DISABLED:
+            raise ProtocolError(f"Server id {srvid} is disabled (no symlink in workers_enabled/)")
+        if view.program_state != "RUNNING":
+            raise ProtocolError(f"{program_name(srvid)} is not running ({view.status})")
+        return mailbox.ask(self.redis, self.cfg.redis.prefix, srvid, "refresh_db_cat",
+                           WORKER_REPLY_TIMEOUT, key=self.mailbox_key,
+                           args=dbnames)
+
+    def _view(self, srvid: int) -> WorkerView:
+        views = self.board.views(srvid)
+        if not views:
+            raise ProtocolError(f"Server id {srvid} not found")
+        return views[0]
