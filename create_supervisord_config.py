@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Generate the supervisord programs of a powa-fleet from powa_servers.
 
-Thin entry point: the logic lives in collector.generator and collector.fleet.
+Thin entry point kept for the contract: the logic lives in
+collector.fleet.generator, which ``powa-fleet generate`` runs too.
 """
 
 import sys

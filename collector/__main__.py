@@ -1,4 +1,4 @@
-"""python -m collector: the operator commands (see collector.cli)."""
+"""python -m collector: the operator commands, as ``powa-fleet`` (see collector.cli)."""
 
 import sys
 

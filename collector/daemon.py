@@ -47,8 +47,8 @@ def fatal(program: str, error: BaseException | str, code: int | None = None) -> 
 
 
 def config_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", help="collector.cfg (default: $POWA_FLEET_CONFIG, "
-                        "else the checkout's collector.cfg)")
+    parser.add_argument("-c", "--config", help="collector.cfg (default: $POWA_FLEET_CONFIG,"
+                        " ./collector.cfg, /etc/powa-fleet/collector.cfg, then the checkout's)")
 
 
 def load_config(program: str, path: str | None, level: str | None = None) -> config.Config:

@@ -1,143 +1,125 @@
-"""Operator commands: ``python -m collector status|notify -c CFG ...``.
+"""Operator commands: ``powa-fleet COMMAND`` (also ``python -m collector COMMAND``).
 
-``status`` prints one line per server of the fleet: id, alias, program
-state, status, last snapshot, its duration and the last error.
-``notify`` sends a protocol request exactly as powa-web does and prints the
-answer.
+========  ==============================================================
+generate  powa_servers -> the fleet's supervisord files (create_supervisord_config.py)
+status    one line per server: program, status, last snapshot, current error
+notify    a protocol request, sent exactly as powa-web does, and its answer
+check     everything a fleet needs, checked before anything starts
+once N    one snapshot of server N now (the worker's ``--once``)
+migrate   upstream's powa-collector.conf -> collector.cfg
+ctl       supervisorctl on this fleet's supervisord (``-c`` given for you)
+========  ==============================================================
 
-Exit status, for scripts:
+Options (``-c``, ``--json``) are accepted before or after the command.  The
+configuration is ``-c``, else ``$POWA_FLEET_CONFIG``, else ``./collector.cfg``,
+else ``/etc/powa-fleet/collector.cfg`` (see ``collector.config.candidates``).
+
+Exit status, for scripts (collector.errors has the one table):
 
 ========  ==============================================================
 status    0 every enabled worker is ``running``; 1 some are not;
           5 supervisord or Redis could not be asked
 notify    0 answer ``OK``; 1 any other answer; 5 no answer in time
-both      2 bad command line or configuration
+check     0 all is well (warnings allowed); 1 something fails
+once      the worker's: 0 stored, 1 failed, 3 unknown server, 4 not collected
+migrate   0 written; 1 the target exists (no --force)
+all       2 bad command line or configuration
 ========  ==============================================================
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
+from collections.abc import Callable
 
-import psycopg
-import redis
-import simplejson as json
+from collector import __version__, config, daemon, logs
+from collector.cli import check, commands, migrate
+from collector.cli.status import status
+from collector.errors import FleetError
+from collector.fleet import generator
 
-from collector import config, daemon, logs
-from collector.cli.client import Client
-from collector.control.board import DISABLED, StatusBoard, WorkerView
-from collector.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, FleetError
-from collector.keys import STATUS_RUNNING
-
-COLUMNS = ("id", "alias", "program", "status", "last snapshot", "duration", "last error")
-
-
-def _short_time(text: object) -> str:
-    if not isinstance(text, str):
-        return "-"
-    try:
-        return datetime.fromisoformat(text).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-    except ValueError:
-        return text
+CONFIG_HELP = ("collector.cfg (default: $POWA_FLEET_CONFIG, ./collector.cfg, "
+               "/etc/powa-fleet/collector.cfg)")
+#: commands that need a loaded configuration
+WITH_CONFIG: dict[str, Callable[[config.Config, argparse.Namespace], int]] = {
+    "status": status,
+    "notify": commands.notify,
+    "once": commands.once,
+    "ctl": commands.ctl,
+}
+#: commands that read (or write) the configuration themselves
+ON_THEIR_OWN: dict[str, Callable[[argparse.Namespace], int]] = {
+    "check": check.check,
+    "generate": commands.generate,
+    "migrate": migrate.migrate,
+}
 
 
-def _cell(text: object, width: int) -> str:
-    flat = " ".join(str(text).split()) if text not in (None, "") else "-"
-    # aliases and errors are untrusted: no escape sequence reaches the terminal
-    flat = "".join(c if c.isprintable() else "?" for c in flat)
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
+def _common(parser: argparse.ArgumentParser, top: bool) -> None:
+    """The options every command takes, before or after its name.
+
+    On the commands' parsers they default to SUPPRESS, so that an option
+    given before the command is not reset by the command's parser.
+    """
+    parser.add_argument("-c", "--config", default=None if top else argparse.SUPPRESS,
+                        help=CONFIG_HELP)
+    parser.add_argument("--json", action="store_true",
+                        default=False if top else argparse.SUPPRESS,
+                        help="machine-readable output (status, check)")
 
 
-def row(view: WorkerView) -> dict[str, Any]:
-    document = view.document or {}
-    duration = document.get("last_snapshot_duration")
-    return {
-        "id": view.srvid,
-        "alias": document.get("alias"),
-        "program": view.program_state or ("disabled" if not view.enabled else "not loaded"),
-        "status": view.status,
-        "last snapshot": _short_time(document.get("last_snapshot_start")),
-        "outcome": document.get("last_snapshot_outcome"),
-        "duration": f"{duration:.2f}s" if isinstance(duration, int | float) else "-",
-        "last error": document.get("last_error"),
-    }
+def _status(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("srvid", nargs="?", type=int, help="only this server")
 
 
-def print_table(rows: Sequence[dict[str, Any]]) -> None:
-    widths = {"id": 6, "alias": 18, "program": 9, "status": 32, "last snapshot": 19,
-              "duration": 8, "last error": 60}
-    print("  ".join(name.ljust(widths[name]) for name in COLUMNS).rstrip())
-    for line in rows:
-        print("  ".join(_cell(line[name], widths[name]).ljust(widths[name])
-                        for name in COLUMNS).rstrip())
+def _notify(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("command", help="RELOAD, WORKERS_STATUS, FORCE_SNAPSHOT, ...")
+    parser.add_argument("args", nargs="*", help="arguments of the request")
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default 3)")
 
 
-def status(cfg: config.Config, args: argparse.Namespace) -> int:
-    board = StatusBoard(cfg)
-    try:
-        views = board.views(args.srvid)
-    except (redis.RedisError, FleetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    finally:
-        board.close()
-    rows = [row(view) for view in views]
-    if args.json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
-    else:
-        print_table(rows)
-    if args.srvid is not None and not views:
-        print(f"error: server {args.srvid} is not in the fleet", file=sys.stderr)
-        return EXIT_FAILURE
-    if any(v.status.startswith("unknown") for v in views):
-        return EXIT_UNAVAILABLE
-    if any(v.status not in (STATUS_RUNNING, DISABLED) for v in views):
-        return EXIT_FAILURE
-    return EXIT_OK
+def _once(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("srvid", type=int, help="powa_servers.id of the server")
+    parser.add_argument("-v", "--verbose", action="store_true", help="the worker's log on stderr")
 
 
-def notify(cfg: config.Config, args: argparse.Namespace) -> int:
-    try:
-        with Client(cfg.repository.dsn, cfg.repository.connect_timeout) as client:
-            answers = client.ask(args.command, args.args, timeout=args.timeout)
-    except psycopg.Error as exc:
-        print(f"error: cannot reach the repository: {logs.one_line(exc)}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    if not answers:
-        print(f"error: no answer to {args.command} within {args.timeout}s: is the control "
-              "process running?", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    answer = answers[0]
-    print(f"{answer.status} {answer.data}")
-    return EXIT_OK if answer.status == "OK" else EXIT_FAILURE
+def _ctl(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("arguments", nargs=argparse.REMAINDER,
+                        help="supervisorctl's command and arguments (status, restart worker_3...)")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m collector",
-                                     description="Operate a powa-fleet.")
-    daemon.config_argument(parser)
-    commands = parser.add_subparsers(dest="action", required=True)
-    show = commands.add_parser("status", help="one line per server: program, status, last "
-                                              "snapshot, last error")
-    show.add_argument("srvid", nargs="?", type=int, help="only this server")
-    show.add_argument("--json", action="store_true", help="machine-readable output")
-    ask = commands.add_parser("notify", help="send a collector protocol request like powa-web")
-    ask.add_argument("command", help="RELOAD, WORKERS_STATUS, FORCE_SNAPSHOT, ...")
-    ask.add_argument("args", nargs="*", help="arguments of the request")
-    ask.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default 3)")
-    return parser.parse_args(argv)
+COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...] = (
+    ("generate", "write the fleet's supervisord files from powa_servers", generator.add_arguments),
+    ("status", "one line per server: program, status, last snapshot, current error", _status),
+    ("notify", "send a collector protocol request like powa-web", _notify),
+    ("check", "check everything the fleet needs, before starting it", lambda _: None),
+    ("once", "take one snapshot of one server now", _once),
+    ("migrate", "write a collector.cfg from upstream's powa-collector.conf",
+     migrate.add_arguments),
+    ("ctl", "supervisorctl for this fleet (options of powa-fleet go before 'ctl')", _ctl),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="powa-fleet", description="Operate a powa-fleet.")
+    parser.add_argument("--version", action="version", version=f"powa-fleet {__version__}")
+    _common(parser, top=True)
+    subparsers = parser.add_subparsers(dest="action", required=True, metavar="COMMAND")
+    for name, text, arguments in COMMANDS:
+        sub = subparsers.add_parser(name, help=text, description=text)
+        _common(sub, top=False)
+        arguments(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
+    logs.setup("powa-fleet", "warning")
+    if args.action in ON_THEIR_OWN:
+        return ON_THEIR_OWN[args.action](args)
     try:
         cfg = config.load(args.config)
     except FleetError as exc:
         return daemon.fatal("error", exc)
     logs.REDACTOR.add(*cfg.secrets())
-    logs.setup("collector", "warning")
-    return status(cfg, args) if args.action == "status" else notify(cfg, args)
+    return WITH_CONFIG[args.action](cfg, args)

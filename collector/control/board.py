@@ -142,8 +142,11 @@ class StatusBoard:
         for server in ids:
             process = processes.get(program_name(server)) if processes is not None else None
             document = documents.get(server)
-            if processes is None:
+            if processes is None and server in enabled:
                 status = "unknown: supervisord unavailable"
+            elif processes is None:
+                # disabled: the symlinks say so, supervisord need not be asked
+                status = DISABLED
             elif redis_problem and process and process.get("statename") == "RUNNING":
                 status = "unknown: Redis unavailable"
             else:

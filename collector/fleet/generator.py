@@ -1,6 +1,7 @@
 """create_supervisord_config.py: turn powa_servers into the fleet's supervisord files.
 
     python create_supervisord_config.py [-c CFG] [--apply] [--enable N | --disable N]
+    powa-fleet generate [-c CFG] [--apply] [--enable N | --disable N]     (the same code)
 
 Reads the collected servers (id > 0, frequency > 0) from the repository and
 writes, beside the configuration file, one program file per server in
@@ -28,18 +29,23 @@ from collector.fleet.supervisord import Supervisor
 from collector.keys import program_name
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="create_supervisord_config.py",
-        description="Generate the supervisord programs of a powa-fleet from powa_servers.",
-    )
-    daemon.config_argument(parser)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The generator's options (all but -c), for this script and ``powa-fleet generate``."""
     parser.add_argument("--apply", action="store_true",
                         help="apply the result to the running supervisord (like supervisorctl "
                              "update)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--enable", type=int, metavar="N", help="enable worker_N and apply")
     group.add_argument("--disable", type=int, metavar="N", help="disable worker_N and apply")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="create_supervisord_config.py",
+        description="Generate the supervisord programs of a powa-fleet from powa_servers.",
+    )
+    daemon.config_argument(parser)
+    add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -71,6 +77,7 @@ def apply(cfg: config.Config, required: bool) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Generate (or toggle one server) as ``args`` say; FleetError when it cannot."""
     cfg = config.load(args.config)
     logs.REDACTOR.add(*cfg.secrets())
     # what the library modules log goes through the redactor too
