@@ -13,6 +13,9 @@ Measured (issues 3 and 4):
 * WORKERS_STATUS round trip as a powa-web client sees it, p50/p99, with 3,
   100 and ``--servers`` workers, and upstream powa-collector 1.3.2 with 3;
 * RELOAD adding one server to a 100-worker fleet (answer time);
+* WORKERS_STATUS while a RELOAD adds ``--servers`` - 103 servers and their
+  workers start, and while a role without rights floods the control with
+  20,000 requests (issues 10 and 12: the control must keep answering);
 * --apply of one added server to the running full fleet;
 * memory: PSS of each worker in the full fleet, and of supervisord.
 """
@@ -23,8 +26,9 @@ import argparse
 import json as stdjson
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,13 +44,15 @@ from benchmarks.common import (
     table,
     upstream_python,
 )
-from collector.cli.client import Client
+from collector.cli.client import Answer, Client
 from collector.demo import sandbox
 from collector.fleet.supervisord import Supervisor
 
 PER_CLUSTER = 50
 REQUESTS = 300
 APPLIES = 5
+#: requests of the unprivileged flood
+FLOOD = 20_000
 
 
 def make_remotes(template: Path, base: Path, count: int) -> list[tuple[str, int]]:
@@ -161,6 +167,46 @@ def round_trips(dsn: str, srvid: str | None = None, count: int = REQUESTS) -> li
     return times
 
 
+def probing(dsn: str, action: Callable[[], object]) -> tuple[list[float], int]:
+    """WORKERS_STATUS round trips asked over and over while ``action`` runs.
+
+    Returns the round trips of answered requests, and the count of requests
+    that got no answer within powa-web's 1 s.
+    """
+    times: list[float] = []
+    missed = [0]
+    done = threading.Event()
+
+    def probe() -> None:
+        with Client(dsn) as client:
+            while not done.is_set():
+                answers = client.ask("WORKERS_STATUS", (), timeout=1)
+                if answers and answers[0].status == "OK":
+                    times.append(answers[0].elapsed)
+                else:
+                    missed[0] += 1
+                time.sleep(0.05)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    try:
+        action()
+    finally:
+        done.set()
+        thread.join()
+    return times, missed[0]
+
+
+def flood(repo: sandbox.Cluster, requests: int) -> None:
+    """``requests`` WORKERS_STATUS from a role without rights, one transaction each."""
+    with psycopg.connect(repo.dsn(), autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS flooder")
+        conn.execute("CREATE ROLE flooder LOGIN")
+    with psycopg.connect(repo.dsn(user="flooder"), autocommit=True) as conn:
+        for _ in range(requests):
+            conn.execute("NOTIFY powa_collector, 'WORKERS_STATUS flood'")
+
+
 def latency_row(what: str, servers: int, times: list[float]) -> list[object]:
     return [what, servers, len(times), ms(percentile(times, 50)), ms(percentile(times, 99)),
             ms(max(times))]
@@ -265,17 +311,29 @@ def fleet_bench(
                         ms(answer.elapsed)])
 
     register(repo, hosts[103:total])
-    with Client(repo.dsn()) as client:
-        answer = client.ask("RELOAD", (), timeout=600)[0]
+    answers: list[Answer] = []
+
+    def reload_and_start() -> None:
+        with Client(repo.dsn()) as client:
+            answers.extend(client.ask("RELOAD", (), timeout=600))
+        fleet.wait_running(total)
+
+    started = time.monotonic()
+    during, missed = probing(repo.dsn(), reload_and_start)
+    ready = time.monotonic() - started
     timings.append([f"RELOAD adding {total - 103} servers to 103 workers (answer)",
-                    ms(answer.elapsed)])
-    ready = fleet.wait_running(total)
+                    ms(answers[0].elapsed)])
+    latency.append(latency_row(f"powa-fleet during that RELOAD and the start of its"
+                               f" workers ({missed} unanswered within 1 s)", total, during))
     timings.append([f"... until all {total} workers answer running", ms(ready)])
     # measure the steady state (snapshots spread over the period), not the start-up rush
     time.sleep(args.settle)
     latency += compare(repo.dsn(), total, theirs.dsn())
     latency.append(latency_row("powa-fleet, one server", total,
                                round_trips(repo.dsn(), "250")))
+    during, missed = probing(repo.dsn(), lambda: flood(repo, FLOOD))
+    latency.append(latency_row(f"powa-fleet during {FLOOD:,} requests of a role without"
+                               f" rights ({missed} unanswered within 1 s)", total, during))
 
     applies = []
     for n in range(APPLIES):
