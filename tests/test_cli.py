@@ -83,8 +83,10 @@ def test_cli_without_supervisord_says_it_cannot_tell(fleet: Fleet, repo: Repo) -
 
     result = cli(fleet, "status")
     assert result.returncode == 5
-    assert result.stdout.count("unknown: supervisord unavailable") == 3
+    # the enabled ones cannot be told; the disabled one is known from its symlink
+    assert result.stdout.count("unknown: supervisord unavailable") == 2
     lines = result.stdout.splitlines()
+    assert "disabled" in lines[2]
     # no worker ever published: aliases and the last snapshot come from the repository
     assert "remote 1" in lines[1]
     assert snapts.astimezone().strftime("%Y-%m-%d %H:%M:%S") in lines[1]
