@@ -81,7 +81,8 @@ class Reloader(threading.Thread):
         self.busy = threading.Event()
         first = cfg.collector.restart_fatal_after
         self.healer = Healer(first_delay=first) if first else None
-        self.heal_every = min(HEAL_EVERY, max(1.0, first / 2))
+        self.heal_every = min(HEAL_EVERY, max(1.0, first / 2)) if first else HEAL_EVERY
+        self._heal_outage = logs.Outage(log, "cannot look after FATAL programs now")
 
     def request(self, requester: Requester) -> None:
         """Queue a reload for ``requester`` (answered later, through ``outbox``)."""
@@ -103,7 +104,10 @@ class Reloader(threading.Thread):
         while not self.cancel.is_set():
             if not self._wake.wait(self.heal_every):
                 if self.healer is not None:
-                    self._heal()
+                    try:
+                        self._heal()
+                    except Exception:
+                        log.exception("looking after FATAL programs failed, going on")
                 continue
             with self._lock:
                 self._wake.clear()
@@ -113,6 +117,10 @@ class Reloader(threading.Thread):
                 self.busy.set()
                 try:
                     self._serve(run)
+                except Exception as exc:
+                    # a bad run never ends the thread: later RELOADs would wait forever
+                    log.exception("reload failed unexpectedly")
+                    self._answer(run, "ERROR", logs.one_line(exc))
                 finally:
                     self.busy.clear()
 
@@ -127,7 +135,9 @@ class Reloader(threading.Thread):
                             name, self.healer.attempts(name))
                 supervisor.start(name)
         except FleetError as exc:
-            log.warning("cannot look after FATAL programs now: %s", logs.one_line(exc))
+            self._heal_outage.failed(exc)
+            return
+        self._heal_outage.recovered("looking after FATAL programs again")
 
     def _serve(self, run: _Run) -> None:
         started = time.monotonic()
