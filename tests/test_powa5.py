@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 
+import psycopg
 import pytest
 import simplejson as json
 from psycopg import sql
 
+from collector import repository
 from collector.cli.client import Answer, Client
 from collector.demo import sandbox
+from collector.worker import streaming
 from collector.worker.databases import CatalogRefresh, RefreshRequest, plan
+from collector.worker.remote import RemoteSession
 from collector.worker.sources import DbSource, render_cleanup
+from collector.worker.streaming import Spool
 from tests.conftest import POWA5_WORKLOAD, Supervisord, start_supervisord
 from tests.helpers import Fleet, Repo, wait_for
 from tests.powa5 import (
@@ -179,6 +185,94 @@ def test_a_database_that_cannot_be_reached_is_recorded_and_the_rest_stored(
     assert powa5_repo.snapshots(srvid) == 1
     assert "powa_all_tables_history_current" in filled_tables(powa5_repo, srvid)
     assert tmp_rows(powa5_repo, srvid) == set()
+
+
+def test_rows_the_repository_refuses_for_one_database_are_recorded_and_the_rest_stored(
+    powa5_fleet: Fleet, powa5_repo: Repo, powa5_remotes: list[sandbox.Cluster]
+) -> None:
+    ours = powa5_repo.srvids[0]
+    oids = remote_database_oids(powa5_remotes[0])
+    # every database's pg_stat_all_tables rows go in one COPY: the repository refuses it
+    refuse = sql.SQL("ALTER TABLE powa_all_tables_src_tmp ADD CONSTRAINT no_shop"
+                     " CHECK (dbid <> {})").format(sql.Literal(oids[SHOP]))
+    with powa5_repo.connect() as conn:
+        conn.execute(refuse)
+        conn.commit()
+    try:
+        once(powa5_fleet, ours)
+    finally:
+        powa5_repo.execute("ALTER TABLE powa_all_tables_src_tmp DROP CONSTRAINT no_shop")
+    errors = powa5_repo.errors(ours)
+    assert len(errors) == 1, errors
+    assert "Error retrieving datasource data pg_stat_all_tables in database shop" in errors[0]
+    assert powa5_repo.snapshots(ours) == 1
+    tables = {int(r[0]) for r in powa5_repo.all(
+        "SELECT DISTINCT dbid FROM powa_all_tables_history_current WHERE srvid = %s", (ours,))}
+    assert tables == set(oids.values()) - {oids[SHOP]}
+    indexes = {int(r[0]) for r in powa5_repo.all(
+        "SELECT DISTINCT dbid FROM powa_all_indexes_history_current WHERE srvid = %s", (ours,))}
+    assert oids[SHOP] in indexes
+    assert tmp_rows(powa5_repo, ours) == set()
+
+
+def test_cancel_reaches_the_worker_session_and_every_database_session(
+    powa5_repo: Repo, powa5_remotes: list[sandbox.Cluster]
+) -> None:
+    # what the watchdog calls when a snapshot overruns or the worker stops
+    with powa5_repo.connect() as conn:
+        server = repository.read_server(conn, repository.require_powa(conn),
+                                        powa5_repo.srvids[0])
+    session = RemoteSession(server)
+    session.connect()
+    try:
+        databases = [session.open_database(name, 60_000) for name in ("postgres", SHOP)]
+        assert session.db_conns == tuple(databases)
+        failures: list[BaseException] = []
+
+        def sleep(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+            try:
+                conn.execute("SELECT pg_sleep(60)")
+            except psycopg.Error as exc:
+                failures.append(exc)
+
+        assert session.conn is not None
+        sleepers = [threading.Thread(target=sleep, args=(conn,))
+                    for conn in (session.conn, *databases)]
+        for thread in sleepers:
+            thread.start()
+        with powa5_remotes[0].connect() as watcher:
+            wait_for(lambda: watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'"
+            ).fetchone() == (3,), 10, "three sleeping sessions")
+        session.cancel()
+        for thread in sleepers:
+            thread.join(10)
+        assert [type(f) for f in failures] == [psycopg.errors.QueryCanceled] * 3
+        session.close_database(databases[0])
+        assert session.db_conns == (databases[1],) and databases[0].closed
+    finally:
+        session.close()
+    assert not session.db_conns
+
+
+def test_a_spool_keeps_whole_sources_only_and_moves_to_a_file_when_big(
+    powa5_remotes: list[sandbox.Cluster], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 100 kB of rows: past 4 kB the spool is a temporary file
+    monkeypatch.setattr(streaming, "SPOOL_MEMORY", 4096)
+    rows = "COPY (SELECT g, repeat('x', 100) FROM generate_series(1, 1000) g) TO STDOUT"
+    failing = "COPY (SELECT 1 / (500 - g) FROM generate_series(1, 1000) g) TO STDOUT"
+    spool = Spool()
+    with powa5_remotes[0].connect() as conn:
+        assert spool.add("rows", "powa", conn, rows.encode()) == 1000
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            spool.add("failing", "powa", conn, failing.encode())
+        # the session is usable again, and nothing of the failed source is kept
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert [(p.source, p.rows) for p in spool.parts] == [("rows", 1000)]
+        kept = b"".join(spool.parts[0].blocks())
+        assert kept == b"".join(f"{g}\t{'x' * 100}\n".encode() for g in range(1, 1001))
+    spool.close()
 
 
 # ---------------------------------------------------------------- the control, on PoWA 5

@@ -11,24 +11,30 @@ remote (``datallowconn``) that has something to collect is visited:
 * a database with neither is not visited at all, so connecting to it costs
   nothing (upstream opens a session to every database at every snapshot).
 
-The database the worker's session is connected to (the powa database) is
-read on that session; the others through one short-lived session at a time,
-closed as soon as its database is done, so a snapshot never holds more than
-two sessions on the remote, whatever the number of databases (keeping them
-open between snapshots would hold one idle backend per database on the
-remote for the whole period, its ``max_connections`` spent on a collector).
+Reading: the database the worker's session is connected to (the powa
+database) is read on that session; the others through short-lived sessions,
+each closed as soon as its database is done.  Two databases are read at
+once (two readers, each one session at a time: one in a thread), so that
+one's connection and queries overlap the other's; a snapshot never holds
+more than three sessions on the remote, whatever the number of databases
+(keeping them open between snapshots would hold one idle backend per
+database on the remote for the whole period).  Each source's rows, prefixed
+with ``srvid, ts, dbid`` (db modules; ts is the transaction time of the
+snapshot's global sources, so every row of a snapshot carries one time) or
+``srvid, dbid`` (catalogs) by the remote's query itself, go verbatim into a
+spool of the reader (collector.worker.streaming: memory, then a temporary
+file).  A failing source is recorded and the others go on; a database that
+cannot be reached is recorded and the next one visited.  A database is all
+or nothing: a session lost midway takes back all its rows.  Each COPY is a
+statement of its own, on a session whose settings came with the connection
+(a visit costs a connection and one statement per source); the worker's own
+session reads its database in a transaction of its own, with a savepoint
+per source.
 
-Rows go into ``tmp_table`` prefixed with ``srvid, ts, dbid`` (db modules; ts
-is the transaction time of the snapshot's global sources, so every row of a
-snapshot carries one time) or ``srvid, dbid`` (catalogs), each source under
-a repository savepoint of its own: a failing source is recorded and the
-others go on; a database that cannot be reached is recorded and the next
-one visited.  A database whose catalogs are read is all or nothing (one
-remote transaction, savepoints per source on both sides, under a repository
-savepoint): catalogs must agree with each other.  Otherwise (the steady
-state: db modules only) each COPY is a statement of its own, on a session
-whose settings came with the connection: a visit costs a connection and one
-statement per source, each COPY statement composed once for all databases.
+Storing (collector.worker.streaming.store, with the global sources): one
+COPY per source into its ``tmp_table``, of every database's rows; should
+the repository refuse it, each database's rows are stored on their own
+under savepoints, so that only the failing ones are lost and recorded.
 """
 
 from __future__ import annotations
@@ -37,7 +43,10 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -50,7 +59,7 @@ from collector.logs import one_line
 from collector.pg import Conn
 from collector.worker.remote import RemoteSession
 from collector.worker.sources import DbSource, target_name
-from collector.worker.streaming import Guard, stream
+from collector.worker.streaming import Guard, Load, Spool, command, savepoint
 
 if TYPE_CHECKING:
     from collector.worker.snapshot import SnapshotResult
@@ -141,8 +150,12 @@ def source_query(source: DbSource, srvid: int, ts: datetime) -> sql.Composed:
 
 
 # ---------------------------------------------------------------- copying
+#: databases read at once (each reader holds one remote session at a time)
+READERS = 2
+
+
 class DatabaseCopier:
-    """Copies the per-database sources of one snapshot (see the module docstring)."""
+    """Reads the per-database sources of one snapshot (see the module docstring)."""
 
     def __init__(
         self, repo: Conn, remote: RemoteSession, result: SnapshotResult, *,
@@ -158,113 +171,184 @@ class DatabaseCopier:
         self.guard = guard
         #: sessions opened to other databases, for benchmarks and logs
         self.sessions_opened = 0
-        #: each source's two COPY statements, composed once for every database
-        self._statements: dict[str, tuple[bytes, bytes]] = {}
+        #: set when a reader fails: the other one starts no new database
+        self.stopped = threading.Event()
+        #: the readers' spools, closed by close() once the loads are stored
+        self.spools: list[Spool] = []
 
-    def run(self, work: Sequence[DatabaseWork]) -> None:
-        """Visit each database in turn, while the remote budget lasts."""
-        for n, item in enumerate(work):
-            if time.monotonic() >= self.deadline:
-                self._error(f"Snapshot exceeded its budget on the remote server: skipped"
-                            f" databases {', '.join(w.dbname for w in work[n:])}")
-                break
-            self._database(item)
+    def read(self, work: Sequence[DatabaseWork]) -> list[Load]:
+        """Read each database while the remote budget lasts; what to store, per source."""
+        if not work:
+            return []
+        sources = {s.name: s for item in work for s in item.sources}
+        queries = {name: source_query(s, self.result.srvid, self.ts).as_bytes(self.repo)
+                   for name, s in sources.items()}
+        readers = [DatabaseReader(self, queries) for _ in range(min(READERS, len(work)))]
+        self.spools = [reader.spool for reader in readers]
+        try:
+            self._read(readers, work)
+        except RemoteUnavailable:
+            self.remote.close()
+            raise
+        finally:
+            self.sessions_opened = sum(r.sessions_opened for r in readers)
+        self._record(readers)
+        return self._loads(work)
 
-    def _error(self, error: str) -> None:
-        log.warning("%s", error)
-        self.result.errors.append(error)
+    def close(self) -> None:
+        for spool in self.spools:
+            spool.close()
 
-    def _abort_if_cancelled(self) -> None:
+    def _read(self, readers: list[DatabaseReader], work: Sequence[DatabaseWork]) -> None:
+        """The first reader in this thread, the other in a thread of its own."""
+        todo = deque(enumerate(work))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="databases") as pool:
+            others = [pool.submit(reader.run, todo) for reader in readers[1:]]
+            try:
+                readers[0].run(todo)
+            except BaseException:
+                futures.wait(others)
+                raise
+            for other in others:
+                other.result()
+
+    def _record(self, readers: list[DatabaseReader]) -> None:
+        """The readers' errors, in the order of the databases."""
+        found = sorted(e for r in readers for e in r.errors)
+        self.result.errors += [error for _, error in found]
+        skipped = sorted(s for r in readers for s in r.skipped)
+        if skipped:
+            error = (f"Snapshot exceeded its budget on the remote server: skipped"
+                     f" databases {', '.join(name for _, name in skipped)}")
+            log.warning("%s", error)
+            self.result.errors.append(error)
+
+    def _loads(self, work: Sequence[DatabaseWork]) -> list[Load]:
+        """One load per source, of every database's rows."""
+        sources = {s.name: s for item in work for s in item.sources}
+        loads = {name: Load(name, name, _target(source, self.repo))
+                 for name, source in sources.items()}
+        for spool in self.spools:
+            for part in spool.parts:
+                loads[part.source].parts.append(part)
+        return [load for load in loads.values() if load.parts]
+
+    def abort_if_cancelled(self) -> None:
         if self.guard.cancelled():
             raise SnapshotAborted("snapshot cancelled: nothing of it is stored")
 
-    def _budget_ms(self) -> int:
+    def budget_ms(self) -> int:
         return max(1, int((self.deadline - time.monotonic()) * 1000))
 
-    def _session(self, dbname: str) -> Conn | None:
-        if dbname == self.home:
-            return self.remote.conn
-        self.guard.remote_statement()
+
+def _target(source: DbSource, repo: Conn) -> bytes:
+    assert source.target is not None
+    return sql.SQL("COPY {} FROM STDIN").format(target_name(source.target)).as_bytes(repo)
+
+
+class DatabaseReader:
+    """Reads databases one after the other, one remote session at a time, into its spools."""
+
+    def __init__(self, copier: DatabaseCopier, queries: dict[str, bytes]) -> None:
+        self.copier = copier
+        self.remote = copier.remote
+        self.queries = queries
+        self.spool = Spool()
+        self.sessions_opened = 0
+        #: (database's position, message), merged by the copier
+        self.errors: list[tuple[int, str]] = []
+        self.skipped: list[tuple[int, str]] = []
+
+    def run(self, todo: deque[tuple[int, DatabaseWork]]) -> None:
+        """Take databases from ``todo`` until none is left (or the other reader failed)."""
         try:
-            conn = self.remote.open_database(dbname, self._budget_ms())
+            while not self.copier.stopped.is_set():
+                try:
+                    index, item = todo.popleft()
+                except IndexError:
+                    return
+                if time.monotonic() >= self.copier.deadline:
+                    self.skipped.append((index, item.dbname))
+                else:
+                    self._database(index, item)
+        except BaseException:
+            self.copier.stopped.set()
+            raise
+
+    def _error(self, index: int, error: str) -> None:
+        log.warning("%s", error)
+        self.errors.append((index, error))
+
+    def _session(self, index: int, dbname: str) -> Conn | None:
+        if dbname == self.copier.home:
+            return self.remote.conn
+        self.copier.guard.remote_statement()
+        try:
+            conn = self.remote.open_database(dbname, self.copier.budget_ms())
         except psycopg.Error as exc:
-            self.remote.close_database()
-            self._abort_if_cancelled()
-            self._error(f"Could not connect to remote database {dbname}: {one_line(exc)}")
+            self.copier.abort_if_cancelled()
+            self._error(index, f"Could not connect to remote database {dbname}: {one_line(exc)}")
             return None
         self.sessions_opened += 1
         return conn
 
-    def _database(self, item: DatabaseWork) -> None:
-        """One database (see ``_atomic``)."""
-        conn = self._session(item.dbname)
+    def _database(self, index: int, item: DatabaseWork) -> None:
+        """One database (see ``_atomic``); if its session fails, none of its rows is kept."""
+        conn = self._session(index, item.dbname)
         if conn is None:
             return
+        mark = self.spool.mark()
         try:
-            with self._atomic(conn, item) as atomic:
+            with self._atomic(conn) as atomic:
                 for source in item.sources:
-                    self._copy(conn, item.dbname, source, atomic)
+                    self._copy(index, conn, item.dbname, source, atomic)
         except psycopg.Error as exc:
-            self._lost(conn, item.dbname, exc)
+            self.spool.rollback(mark)
+            self._lost(index, item.dbname, exc)
         finally:
             if conn is not self.remote.conn:
-                self.remote.close_database()
+                self.remote.close_database(conn)
 
     @contextlib.contextmanager
-    def _atomic(self, conn: Conn, item: DatabaseWork) -> Iterator[bool]:
-        """All or nothing of a database when its catalogs are read (they must agree
-        with each other) or on the worker's own session (whose deadline is set per
-        transaction): one remote transaction, under a repository savepoint; True.
+    def _atomic(self, conn: Conn) -> Iterator[bool]:
+        """On the worker's own session, whose deadline is set per transaction: one
+        remote transaction, a savepoint per source; True.
 
-        Else (db modules only, the steady state) each source is a statement of
-        its own on a session that came with its deadline, and its rows are whole
-        by themselves: nothing to spend on transactions; False.
+        Else each source is a statement of its own, on a session that came with
+        its deadline: nothing to spend on transactions (in READ COMMITTED, one
+        would not make the catalogs agree with each other either: each COPY is
+        consistent in itself, and a session lost midway takes back all the
+        database's rows); False.
         """
-        if conn is not self.remote.conn and all(s.with_ts for s in item.sources):
+        if conn is not self.remote.conn:
             yield False
             return
-        with self.repo.transaction(), conn.transaction():
-            self.guard.remote_statement()
-            conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
-                sql.Literal(self._budget_ms())))
+        with conn.transaction():
+            self.copier.guard.remote_statement()
+            command(conn, sql.SQL("SET LOCAL statement_timeout = {}").format(
+                sql.Literal(self.copier.budget_ms())).as_bytes(conn))
             yield True
 
-    def _statements_of(self, source: DbSource) -> tuple[bytes, bytes]:
-        if source.name not in self._statements:
-            assert source.target is not None
-            query = source_query(source, self.result.srvid, self.ts)
-            target = sql.SQL("COPY {} FROM STDIN").format(target_name(source.target))
-            self._statements[source.name] = (query.as_bytes(self.repo), target.as_bytes(self.repo))
-        return self._statements[source.name]
-
-    def _lost(self, conn: Conn, dbname: str, exc: psycopg.Error) -> None:
-        """A database's session failed: what it copied in a transaction is rolled back."""
-        if self.repo.broken:
-            raise exc
+    def _lost(self, index: int, dbname: str, exc: psycopg.Error) -> None:
+        """A database's session failed: what it read is dropped (by the caller)."""
         home = self.remote.conn
         if home is None or home.broken or home.closed:
             # the worker's own session went too (a frozen server's sockets are shut down)
-            self.remote.close()
             raise RemoteUnavailable(one_line(exc)) from None
-        self._abort_if_cancelled()
-        self._error(f"Error on remote database {dbname}: {one_line(exc)}")
+        self.copier.abort_if_cancelled()
+        self._error(index, f"Error on remote database {dbname}: {one_line(exc)}")
 
-    def _copy(self, conn: Conn, dbname: str, source: DbSource, atomic: bool) -> bool:
-        """One source of one database under savepoints (on the remote, in a
-        transaction); False (recorded) if it failed."""
-        self._abort_if_cancelled()
-        query, target = self._statements_of(source)
-        remote_savepoint = conn.transaction() if atomic else contextlib.nullcontext()
+    def _copy(self, index: int, conn: Conn, dbname: str, source: DbSource, atomic: bool) -> None:
+        """One source of one database (under a savepoint in a transaction); recorded if it fails."""
+        self.copier.abort_if_cancelled()
+        isolated = savepoint(conn) if atomic else contextlib.nullcontext()
         try:
-            with self.repo.transaction(), remote_savepoint:
-                self.guard.remote_statement()
-                rows = stream(conn, query, self.repo, target)
+            with isolated:
+                self.copier.guard.remote_statement()
+                self.spool.add(source.name, dbname, conn, self.queries[source.name])
         except psycopg.Error as exc:
-            if conn.broken or self.repo.broken:
+            if conn.broken:
                 raise
-            self._abort_if_cancelled()
-            self._error(f"Error retrieving datasource data {source.name} in database"
-                        f" {dbname}: {one_line(exc)}")
-            return False
-        self.result.rows[source.name] = self.result.rows.get(source.name, 0) + rows
-        return True
+            self.copier.abort_if_cancelled()
+            self._error(index, f"Error retrieving datasource data {source.name} in database"
+                               f" {dbname}: {one_line(exc)}")

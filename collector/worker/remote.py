@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import select
+import threading
 import time
 
 import psycopg
@@ -62,8 +63,12 @@ class RemoteSession:
         self.hypopg: str | None = None
         #: the main session's, for the sessions to other databases
         self.lock_timeout = "0"
-        #: the session to another database of the server, while a snapshot reads it
-        self.db_conn: Conn | None = None
+        #: sessions to other databases of the server, while a snapshot reads them
+        #: (replaced whole under the lock: the watchdog reads it from its thread)
+        self._db_conns: tuple[Conn, ...] = ()
+        self._db_lock = threading.Lock()
+        #: the address the main session was opened to, for the per-database ones
+        self.hostaddr: str | None = None
         #: versions must be written to the repository at the next snapshot
         self.versions_pending = False
         REDACTOR.add(server.password)
@@ -76,6 +81,7 @@ class RemoteSession:
         """Connect and learn the remote's versions; RemoteUnavailable on failure."""
         self.close()
         try:
+            self.hostaddr = pg.resolve(self.server.hostname, self.connect_timeout)
             conn = self._connect(self.server.dbname)
         except psycopg.Error as exc:
             raise RemoteUnavailable(one_line(exc)) from None
@@ -93,7 +99,7 @@ class RemoteSession:
         server = self.server
         return psycopg.connect(
             host=server.hostname,
-            hostaddr=pg.resolve(server.hostname, self.connect_timeout),
+            hostaddr=self.hostaddr,
             port=server.port,
             user=server.username,
             password=server.password,
@@ -125,27 +131,37 @@ class RemoteSession:
         self.versions_pending = True
         self.versions_read_at = time.monotonic()
 
+    @property
+    def db_conns(self) -> tuple[Conn, ...]:
+        return self._db_conns
+
     def open_database(self, dbname: str, statement_timeout: int) -> Conn:
         """A session to another database of the server (PoWA 5's per-database sources).
 
         Its settings come with the connection (no statement spent on them):
         ``search_path``, the main session's ``lock_timeout``, and
-        ``statement_timeout`` (ms), the budget left to the snapshot.  One at a
-        time: it stays ``db_conn`` (so the watchdog reaches it) until
-        ``close_database()``.  psycopg.Error when it cannot be opened.
+        ``statement_timeout`` (ms), the budget left to the snapshot.  It goes to
+        the main session's address (no name lookup per database).  It stays in
+        ``db_conns`` (so the watchdog reaches it) until ``close_database()``;
+        a snapshot reads at most two databases at once.  psycopg.Error when it
+        cannot be opened.
         """
-        self.close_database()
         settings = {"search_path": "pg_catalog", "lock_timeout": self.lock_timeout,
                     "statement_timeout": str(statement_timeout)}
         options = " ".join(f"-c {name}={_option(value)}" for name, value in settings.items())
-        self.db_conn = self._connect(dbname, options=options)
-        return self.db_conn
+        conn = self._connect(dbname, options=options)
+        with self._db_lock:
+            self._db_conns += (conn,)
+        return conn
 
-    def close_database(self) -> None:
-        if self.db_conn is not None:
+    def close_database(self, conn: Conn | None = None) -> None:
+        """Close one session to another database, or all of them."""
+        with self._db_lock:
+            closing = self._db_conns if conn is None else (conn,)
+            self._db_conns = tuple(c for c in self._db_conns if c not in closing)
+        for each in closing:
             with contextlib.suppress(Exception):
-                self.db_conn.close()
-        self.db_conn = None
+                each.close()
 
     def close(self) -> None:
         self.close_database()
@@ -189,12 +205,12 @@ class RemoteSession:
 
     def abort(self) -> None:
         """Shut the connections down under a statement blocked on a frozen server."""
-        for conn in (self.db_conn, self.conn):
+        for conn in (*self._db_conns, self.conn):
             if conn is not None:
                 pg.abort(conn)
 
     def cancel(self) -> None:
         """Cancel the statement running on the remote (from another thread)."""
-        for conn in (self.db_conn, self.conn):
+        for conn in (*self._db_conns, self.conn):
             if conn is not None:
                 pg.cancel(conn)

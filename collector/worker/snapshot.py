@@ -1,14 +1,20 @@
 """One remote snapshot of one server, stored exactly as PoWA 4.1 and PoWA 5 expect.
 
 For each enabled source of ``powa_functions`` (operation ``snapshot``), the
-rows of ``<schema>.<query_source>(0)`` on the remote are streamed, prefixed
-with the server id, straight into ``<schema>.<query_source>_tmp`` on the
-repository: COPY out to COPY in, block by block, so a worker's memory does
-not grow with the number of statements.  On PoWA 5, the per-database
-modules and catalogs follow, database by database (collector.worker.databases);
-what to copy is read as the repository's PoWA version describes it
-(collector.worker.sources).  Then ``powa_take_snapshot(N)`` turns those
-rows into history.
+rows of ``<schema>.<query_source>(0)`` on the remote, prefixed with the
+server id, go into ``<schema>.<query_source>_tmp`` on the repository.  On
+PoWA 5, the per-database modules and catalogs follow, database by database
+(collector.worker.databases); what to copy is read as the repository's PoWA
+version describes it (collector.worker.sources).  Then
+``powa_take_snapshot(N)`` turns those rows into history.
+
+The remote part comes first (``Reading``): every source is read, as the
+remote's COPY text, into spools (memory, then a temporary file: a worker's
+memory does not grow with the number of statements or databases); the
+global sources in one remote transaction (every source sees the same
+``now()``, as with upstream) committed before the repository work.  Then
+the repository part: one COPY per source, all under one savepoint
+(collector.worker.streaming.store).
 
 Every repository write of the snapshot happens in one transaction:
 
@@ -17,9 +23,11 @@ Every repository write of the snapshot happens in one transaction:
 * PoWA must have the same major.minor version on both sides, and the list of
   sources must be readable: otherwise nothing is copied and the reason is
   stored in ``powa_snapshot_metas.errors``;
-* each source copies under a savepoint (per database and source on PoWA 5):
-  a failing source is rolled back (no half-copied rows stay) and recorded,
-  and the others continue;
+* a source that fails on the remote is recorded and the others continue
+  (a savepoint per source there); one the repository refuses is rolled back
+  (no half-copied rows stay) and recorded, the others stored (the sources
+  are then stored again one by one, and a refused per-database source
+  database by database, each under a savepoint);
 * if ``powa_take_snapshot`` itself fails, everything copied is rolled back and
   only the error is stored (upstream commits the ``_tmp`` rows in that case,
   and the next snapshot stores them again);
@@ -28,12 +36,10 @@ Every repository write of the snapshot happens in one transaction:
 * the errors of the run are appended to ``powa_snapshot_metas.errors`` after
   ``powa_take_snapshot`` (which clears that column first).
 
-On the remote, the global sources run in one transaction committed before
-the repository work (each database in one of its own), and
-``query_cleanup`` (e.g. ``pg_qualstats_reset()``) runs only once the
-snapshot is committed, for the sources that were stored (upstream runs it
-right after each source, even a failed one: data that never reached the
-repository is thrown away).
+``query_cleanup`` (e.g. ``pg_qualstats_reset()``) runs on the remote only
+once the snapshot is committed, for the sources that were stored (upstream
+runs it right after each source, even a failed one: data that never reached
+the repository is thrown away).
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from collector.worker import sources as discovery
 from collector.worker.databases import CatalogRefresh, DatabaseCopier, RefreshRequest, plan
 from collector.worker.remote import RemoteSession
 from collector.worker.sources import DbSource, Source, powa_major
-from collector.worker.streaming import CHUNK_SIZE, Guard, stream
+from collector.worker.streaming import CHUNK_SIZE, Guard, Load, Spool, command, savepoint, store
 
 __all__ = ["CHUNK_SIZE", "Guard", "Snapshot", "SnapshotResult", "Source"]
 
@@ -225,7 +231,7 @@ class Snapshot:
             self.remote.versions_pending = False
         self.result.committed = True
         if not self.result.failed:
-            self._cleanup(powa, copied)
+            AfterCommit(self, powa).cleanup(copied)
         self._phase("commit", mark)
         self.result.duration = time.perf_counter() - started
 
@@ -311,95 +317,30 @@ class Snapshot:
 
     # ------------------------------------------------------------------ copying
     def _copy_all(self, powa: PowaExtension, work: Plan) -> list[Source]:
-        """Stream every source, then each database's; the global sources stored."""
-        remote = self.remote.conn
-        if remote is None:
-            raise RemoteUnavailable("no connection to remote server")
-        deadline = time.monotonic() + self.budget
-        self.guard.remote_begin(deadline)
+        """Read every source from the remote, then store them all; the global sources stored."""
+        reading = Reading(self, work)
         try:
-            with remote.transaction():
-                copied = self._copy_global(remote, work.sources, deadline)
-                found = None
-                if work.per_database:
-                    self.guard.remote_statement()
-                    found = remote.execute(_REMOTE_DATABASES).fetchone()
-            if found is not None:
-                self._copy_databases(work, found[0], str(found[1]), list(found[2]), deadline)
-        except psycopg.OperationalError as exc:
-            if remote.closed or remote.broken:
-                self.remote.close()
-                raise RemoteUnavailable(one_line(exc)) from None
-            raise
+            read, loads = reading.run()
+            stored = store(self.repo, loads, self.guard, self._refused)
         finally:
-            self.remote.close_database()
-            self.guard.remote_end()
-        return copied
+            reading.close()
+        for load in loads:
+            if load.key in stored:
+                self.result.rows[load.source] = (self.result.rows.get(load.source, 0)
+                                                 + stored[load.key])
+        return [source for source in read if _key(source) in stored]
 
-    def _copy_global(self, remote: Conn, sources: list[Source], deadline: float) -> list[Source]:
-        """The global sources, in the remote transaction the caller opened."""
-        self.guard.remote_statement()
-        remote.execute(
-            sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(int(self.budget * 1000)))
-        )
-        copied = []
-        for n, source in enumerate(sources):
-            if time.monotonic() >= deadline:
-                self._skip_late(sources[n:])
-                break
-            if self._copy_one(source):
-                copied.append(source)
-        return copied
+    def _refused(self, source: str, dbname: str | None, exc: psycopg.Error) -> None:
+        where = "" if dbname is None else f" in database {dbname}"
+        self.record_error(f"Error retrieving datasource data {source}{where}: {one_line(exc)}")
 
-    def _copy_databases(self, work: Plan, ts: datetime, home: str, dbnames: list[str],
-                        deadline: float) -> None:
-        todo = plan(dbnames, work.modules, work.catalogs, work.refresh)
-        copier = DatabaseCopier(self.repo, self.remote, self.result, ts=ts, home=home,
-                                deadline=deadline, guard=self.guard)
-        copier.run(todo)
-        self.result.databases = len(todo)
-        self.result.sessions_opened = copier.sessions_opened
-
-    def _skip_late(self, sources: list[Source]) -> None:
-        names = ", ".join(s.query_source for s in sources)
-        error = f"Snapshot exceeded its {self.budget:.0f}s on the remote server: skipped {names}"
-        log.error("%s", error)
+    def record_error(self, error: str) -> None:
+        log.warning("%s", error)
         self.result.errors.append(error)
 
-    def _abort_if_cancelled(self) -> None:
+    def abort_if_cancelled(self) -> None:
         if self.guard.cancelled():
             raise SnapshotAborted("snapshot cancelled: nothing of it is stored")
-
-    def _copy_one(self, source: Source) -> bool:
-        """Copy one source under savepoints on both sides; False (recorded) if it failed."""
-        self._abort_if_cancelled()
-        if source.problem:
-            log.warning("%s", source.problem)
-            self.result.errors.append(source.problem)
-            return False
-        if source.remote_function is None or source.target is None:
-            log.warning("no query_source for %s, skipped", source.function_name)
-            return False
-        remote = self.remote.conn
-        assert remote is not None
-        query = sql.SQL("COPY (SELECT {}, * FROM {}(0)) TO STDOUT").format(
-            sql.Literal(self.srvid), source.remote_function
-        )
-        target = sql.SQL("COPY {} FROM STDIN").format(sql.Identifier(*source.target))
-        try:
-            with self.repo.transaction(), remote.transaction():
-                self.guard.remote_statement()
-                rows = stream(remote, query, self.repo, target)
-        except psycopg.Error as exc:
-            if remote.broken or self.repo.broken:
-                raise
-            self._abort_if_cancelled()
-            error = f"Error retrieving datasource data {source.name}: {one_line(exc)}"
-            log.warning("%s", error)
-            self.result.errors.append(error)
-            return False
-        self.result.rows[source.name] = self.result.rows.get(source.name, 0) + rows
-        return True
 
     def _take(self, powa: PowaExtension, data: psycopg.Transaction) -> None:
         """powa_take_snapshot(N); if it fails, roll back every copied row, keep the error."""
@@ -412,7 +353,7 @@ class Snapshot:
         except psycopg.Error as exc:
             if self.repo.broken:
                 raise
-            self._abort_if_cancelled()
+            self.abort_if_cancelled()
             error = f"Error while taking snapshot for server {self.srvid}: {one_line(exc)}"
             log.error("%s", error)
             self.result.errors.append(error)
@@ -420,8 +361,142 @@ class Snapshot:
             raise psycopg.Rollback(data) from None
         self.result.take_snapshot_errors = int(row[0]) if row and row[0] is not None else 0
 
-    # ------------------------------------------------------------------ after commit
-    def _cleanup(self, powa: PowaExtension, copied: list[Source]) -> None:
+
+def _key(source: Source) -> str:
+    """A global source's rows are filed under its _tmp table (a name may have several)."""
+    assert source.target is not None
+    return ".".join(source.target)
+
+
+class Reading:
+    """The remote part of a snapshot: every source read into spools, within its budget.
+
+    The global sources in one remote transaction (every source sees the same
+    ``now()``), each under a savepoint; then, on PoWA 5, each database's
+    (collector.worker.databases).  Nothing reaches the repository here.
+    """
+
+    def __init__(self, snapshot: Snapshot, work: Plan) -> None:
+        self.snapshot = snapshot
+        self.remote = snapshot.remote
+        self.guard = snapshot.guard
+        self.work = work
+        self.spool = Spool()
+        self.copier: DatabaseCopier | None = None
+
+    def close(self) -> None:
+        self.spool.close()
+        if self.copier is not None:
+            self.copier.close()
+
+    def run(self) -> tuple[list[Source], list[Load]]:
+        """The global sources read, and the loads to store."""
+        remote = self.remote.conn
+        if remote is None:
+            raise RemoteUnavailable("no connection to remote server")
+        deadline = time.monotonic() + self.snapshot.budget
+        self.guard.remote_begin(deadline)
+        try:
+            with remote.transaction():
+                read = self._global(remote, deadline)
+                found = None
+                if self.work.per_database:
+                    self.guard.remote_statement()
+                    found = remote.execute(_REMOTE_DATABASES).fetchone()
+            loads = self._loads(read)
+            if found is not None:
+                loads += self._databases(found[0], str(found[1]), list(found[2]), deadline)
+        except psycopg.OperationalError as exc:
+            if remote.closed or remote.broken:
+                self.remote.close()
+                raise RemoteUnavailable(one_line(exc)) from None
+            raise
+        finally:
+            self.remote.close_database()
+            self.guard.remote_end()
+        return read, loads
+
+    def _global(self, remote: Conn, deadline: float) -> list[Source]:
+        """The global sources, in the remote transaction the caller opened."""
+        self.guard.remote_statement()
+        command(remote, sql.SQL("SET LOCAL statement_timeout = {}").format(
+            sql.Literal(int(self.snapshot.budget * 1000))).as_bytes(remote))
+        read = []
+        sources = self.work.sources
+        for n, source in enumerate(sources):
+            if time.monotonic() >= deadline:
+                self._skip_late(sources[n:])
+                break
+            if self._one(remote, source):
+                read.append(source)
+        return read
+
+    def _loads(self, read: list[Source]) -> list[Load]:
+        loads = {}
+        for source in read:
+            assert source.target is not None
+            target = sql.SQL("COPY {} FROM STDIN").format(sql.Identifier(*source.target))
+            loads[_key(source)] = Load(_key(source), source.name,
+                                       target.as_bytes(self.snapshot.repo))
+        for part in self.spool.parts:
+            loads[part.source].parts.append(part)
+        return list(loads.values())
+
+    def _databases(self, ts: datetime, home: str, dbnames: list[str],
+                   deadline: float) -> list[Load]:
+        work, result = self.work, self.snapshot.result
+        todo = plan(dbnames, work.modules, work.catalogs, work.refresh)
+        self.copier = DatabaseCopier(self.snapshot.repo, self.remote, result, ts=ts, home=home,
+                                     deadline=deadline, guard=self.guard)
+        try:
+            return self.copier.read(todo)
+        finally:
+            result.databases = len(todo)
+            result.sessions_opened = self.copier.sessions_opened
+
+    def _skip_late(self, sources: list[Source]) -> None:
+        names = ", ".join(s.query_source for s in sources)
+        error = (f"Snapshot exceeded its {self.snapshot.budget:.0f}s on the remote server:"
+                 f" skipped {names}")
+        log.error("%s", error)
+        self.snapshot.result.errors.append(error)
+
+    def _one(self, remote: Conn, source: Source) -> bool:
+        """Read one source under a savepoint; False (recorded) if it failed."""
+        self.snapshot.abort_if_cancelled()
+        if source.problem:
+            self.snapshot.record_error(source.problem)
+            return False
+        if source.remote_function is None or source.target is None:
+            log.warning("no query_source for %s, skipped", source.function_name)
+            return False
+        query = sql.SQL("COPY (SELECT {}, * FROM {}(0)) TO STDOUT").format(
+            sql.Literal(self.snapshot.srvid), source.remote_function
+        )
+        try:
+            with savepoint(remote):
+                self.guard.remote_statement()
+                self.spool.add(_key(source), None, remote, query)
+        except psycopg.Error as exc:
+            if remote.broken:
+                raise
+            self.snapshot.abort_if_cancelled()
+            self.snapshot.record_error(f"Error retrieving datasource data {source.name}:"
+                                 f" {one_line(exc)}")
+            return False
+        return True
+
+
+class AfterCommit:
+    """What a stored snapshot still does on the remote: the sources' ``query_cleanup``."""
+
+    def __init__(self, snapshot: Snapshot, powa: PowaExtension) -> None:
+        self.snapshot = snapshot
+        self.powa = powa
+        self.remote = snapshot.remote
+        self.guard = snapshot.guard
+
+    def cleanup(self, copied: list[Source]) -> None:
         """Each stored source's ``query_cleanup`` (e.g. ``pg_qualstats_reset()``), now.
 
         Only once the snapshot is committed: a cleanup discards the remote's
@@ -431,13 +506,13 @@ class Snapshot:
         cleanups = [s.cleanup for s in copied if s.cleanup is not None]
         remote = self.remote.conn
         if cleanups and remote is not None:
-            errors += self._run_cleanups(remote, cleanups)
+            errors += self._run(remote, cleanups)
         if errors:
-            self._record_late(powa, errors)
+            self._record_late(errors)
 
-    def _run_cleanups(self, remote: Conn, cleanups: list[sql.Composed]) -> list[str]:
+    def _run(self, remote: Conn, cleanups: list[sql.Composed]) -> list[str]:
         errors = []
-        self.guard.remote_begin(time.monotonic() + self.budget)
+        self.guard.remote_begin(time.monotonic() + self.snapshot.budget)
         try:
             for cleanup in cleanups:
                 self.guard.remote_statement()
@@ -454,17 +529,18 @@ class Snapshot:
             self.guard.remote_end()
         return errors
 
-    def _record_late(self, powa: PowaExtension, errors: list[str]) -> None:
+    def _record_late(self, errors: list[str]) -> None:
         """Errors found after the commit, appended to the stored ones."""
+        snapshot = self.snapshot
         for error in errors:
             log.warning("%s", error)
-        self.result.errors += errors
+        snapshot.result.errors += errors
         try:
-            record_errors(self.repo, powa, self.srvid, errors, replace=False)
-            self.repo.commit()
+            record_errors(snapshot.repo, self.powa, snapshot.srvid, errors, replace=False)
+            snapshot.repo.commit()
         except psycopg.Error as exc:
             # the snapshot is stored already: this must not report it as failed
             log.warning("server %d: cleanup errors not recorded in the repository: %s",
-                        self.srvid, one_line(exc))
+                        snapshot.srvid, one_line(exc))
             with contextlib.suppress(psycopg.Error):
-                self.repo.rollback()
+                snapshot.repo.rollback()
