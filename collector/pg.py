@@ -44,6 +44,12 @@ class PowaExtension:
     version: str
 
     @property
+    def major(self) -> int:
+        """The major version as a number (0 if the version has none): 4 or 5."""
+        head = self.major_minor[0]
+        return int(head) if head.isdigit() else 0
+
+    @property
     def major_minor(self) -> tuple[str, str]:
         parts = [*self.version.split("."), "0"][:2]
         return parts[0], parts[1]

@@ -261,8 +261,7 @@ def save_versions(
 
 
 def _extensions_table(powa: PowaExtension) -> str:
-    major = powa.major_minor[0]
-    return "powa_extension_config" if major.isdigit() and int(major) >= 5 else "powa_extensions"
+    return "powa_extension_config" if powa.major >= 5 else "powa_extensions"
 
 
 def report_failure(dsn: str, srvid: int, error: str, connect_timeout: int = 10) -> None:

@@ -83,8 +83,7 @@ def _check(conn: Conn, control_running: bool) -> tuple[list[Finding], Repository
         return [fail(ITEM, f"database {database!r} has no powa extension",
                      "point [repository] dsn at the PoWA database, or CREATE EXTENSION powa "
                      "CASCADE there")], None
-    major = powa.major_minor[0]
-    if not major.isdigit() or int(major) < MIN_MAJOR:
+    if powa.major < MIN_MAJOR:
         return [fail(ITEM, f"PoWA {powa.version}: powa-fleet needs PoWA 4 or later",
                      "ALTER EXTENSION powa UPDATE (powa-archivist 4.1 or later)")], None
     found = [ok(ITEM, f"{database!r} answers, PoWA {powa.version} (schema {powa.schema})")]

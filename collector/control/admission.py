@@ -130,7 +130,7 @@ def permission(conn: Conn, powa: PowaExtension, pid: int) -> bool:
     to INSERT into ``powa_statements`` (upstream's rules).
     """
     predefined = ["pg_signal_backend"] if conn.info.server_version >= 140000 else []
-    if protocol.powa_major(powa.version) >= 5:
+    if powa.major >= 5:
         # roles by oid, and only those that exist: a powa_roles row may name none yet
         query = sql.SQL(
             "SELECT pg_catalog.bool_or(pg_catalog.pg_has_role(a.usesysid, r.oid, 'USAGE'))"

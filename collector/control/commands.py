@@ -77,7 +77,7 @@ class Commands:
         view = self._view(srvid)
         powa = self.powa()
         assert powa is not None
-        if protocol.powa_major(powa.version) < 5:
+        if powa.major < 5:
             raise ProtocolError(
                 f"REFRESH_DB_CAT needs PoWA 5 or later on the repository: it has PoWA"
                 f" {powa.version}, which keeps no per-database catalogs"

@@ -26,12 +26,6 @@ MAX_CHANNEL = 63
 POWA_ROLES = ("powa_signal_backend", "powa_write_all_data", "powa_admin")
 
 
-def powa_major(version: str) -> int:
-    """The major version of an ``extversion`` of powa (0 if it has none)."""
-    head = version.split(".", 1)[0]
-    return int(head) if head.isdigit() else 0
-
-
 @dataclass(frozen=True)
 class Request:
     command: str

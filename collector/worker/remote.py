@@ -23,7 +23,6 @@ from collector.errors import RemoteUnavailable
 from collector.logs import REDACTOR, one_line
 from collector.pg import KEEPALIVES, Conn, PowaExtension, powa_extension, set_lock_timeout
 from collector.repository import Server
-from collector.worker.sources import powa_major
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ class RemoteSession:
         self.hypopg = None if row[3] is None else str(row[3])
         self.lock_timeout = str(row[4])
         self.powa = powa_extension(self.conn)
-        if self.powa is not None and powa_major(self.powa) >= 5:
+        if self.powa is not None and self.powa.major >= 5:
             self.conn.execute(_SECURE_SEARCH_PATH)
         self.versions_pending = True
         self.versions_read_at = time.monotonic()

@@ -60,7 +60,7 @@ from collector.repository import record_errors, require_powa, save_versions
 from collector.worker import sources as discovery
 from collector.worker.databases import CatalogRefresh, DatabaseCopier, RefreshRequest, plan
 from collector.worker.remote import RemoteSession
-from collector.worker.sources import DbSource, Source, powa_major
+from collector.worker.sources import DbSource, Source
 from collector.worker.streaming import CHUNK_SIZE, Guard, Load, Spool, command, savepoint, store
 
 __all__ = ["CHUNK_SIZE", "Guard", "Snapshot", "SnapshotResult", "Source"]
@@ -254,7 +254,7 @@ class Snapshot:
         remote = self.remote
         assert remote.powa is not None
         found = discovery.global_sources(self.repo, powa, self.srvid, remote.powa, remote.schemas)
-        if powa_major(powa) < 5:
+        if powa.major < 5:
             return Plan(found)
         version = remote.server_version_num
         every = refresh is not None and refresh.every

@@ -31,11 +31,6 @@ from collector.pg import Conn, PowaExtension
 CATALOG_REFRESH = "1 year"
 
 
-def powa_major(powa: PowaExtension) -> int:
-    head = powa.major_minor[0]
-    return int(head) if head.isdigit() else 0
-
-
 @dataclass(frozen=True)
 class Source:
     """One enabled ``snapshot`` source of ``powa_functions``, resolved on both sides."""
@@ -82,7 +77,7 @@ def global_sources(
     remote_schemas: Mapping[str, str],
 ) -> list[Source]:
     """The enabled snapshot sources of server ``srvid``, in PoWA's order."""
-    if powa_major(powa) < 5:
+    if powa.major < 5:
         return _sources_4(repo, powa, srvid, remote_powa)
     return _sources_5(repo, powa, srvid, remote_powa, remote_schemas)
 
