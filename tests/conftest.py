@@ -22,7 +22,7 @@ import pytest
 from collector.demo import sandbox
 from collector.fleet.supervisord import Supervisor
 from tests import powa5
-from tests.helpers import PYTHON, ROOT, Fleet, Repo, wait_for
+from tests.helpers import PYTHON, ROOT, Fleet, Repo, polled_status, wait_for
 
 #: statements created on the first remote; the others get a light workload
 BIG_WORKLOAD = 3000
@@ -267,3 +267,25 @@ def powa5_fleet(
     fleet.write_config()
     yield fleet
     fleet.stop_all()
+
+
+def wait_all_running(supervisord: Supervisord, repo: Repo) -> None:
+    """The control and every worker of ``repo`` started, each worker ``running``."""
+    supervisord.wait_running("control", *(f"worker_{srvid}" for srvid in repo.srvids))
+    wait_for(lambda: polled_status(repo.dsn) == {str(s): "running" for s in repo.srvids}, 30,
+             "every worker running")
+
+
+@pytest.fixture
+def running5(powa5_fleet: Fleet, powa5_repo: Repo) -> Iterator[Supervisord]:
+    """A PoWA 5 fleet under supervisord, snapshots minutes away (FORCE_SNAPSHOT is then
+    accepted, and the test says when they happen)."""
+    for srvid in powa5_repo.srvids:
+        powa5_repo.due_in(srvid, 250, frequency=300)
+    assert powa5_fleet.generate().returncode == 0
+    supervisord = start_supervisord(powa5_fleet)
+    try:
+        wait_all_running(supervisord, powa5_repo)
+        yield supervisord
+    finally:
+        supervisord.stop()

@@ -21,6 +21,7 @@ import redis
 import simplejson as json
 from psycopg import sql
 
+from collector.cli.client import Client
 from collector.demo import sandbox
 from collector.pg import Conn
 
@@ -269,3 +270,12 @@ def is_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def polled_status(dsn: str, *srvid: str) -> dict[str, str]:
+    """WORKERS_STATUS for a wait: no answer yet (a control still starting) is an empty one."""
+    with Client(dsn) as client:
+        answers = client.ask("WORKERS_STATUS", srvid, timeout=1)
+    if not answers or answers[0].status != "OK":
+        return {}
+    return json.loads(answers[0].data)  # type: ignore[no-any-return]

@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -24,7 +25,7 @@ from collector.control.exclusive import Exclusive
 from collector.control.liveboard import LiveBoard
 from collector.demo import sandbox
 from tests.conftest import Supervisord, start_supervisord
-from tests.helpers import PYTHON, ROOT, Fleet, Repo, wait_for
+from tests.helpers import PYTHON, ROOT, Fleet, Repo, polled_status, wait_for
 
 WORKERS = ("worker_1", "worker_2", "worker_3")
 
@@ -48,19 +49,10 @@ def workers_status(repo: Repo, *srvid: str) -> dict[str, str]:
     return json.loads(answer.data)  # type: ignore[no-any-return]
 
 
-def polled_status(repo: Repo, *srvid: str) -> dict[str, str]:
-    """WORKERS_STATUS for a wait: no answer yet (a control still starting) is an empty one."""
-    with Client(repo.dsn) as client:
-        answers = client.ask("WORKERS_STATUS", srvid, timeout=1)
-    if not answers or answers[0].status != "OK":
-        return {}
-    return json.loads(answers[0].data)  # type: ignore[no-any-return]
-
-
 @pytest.fixture
 def running(fleet: Fleet, repo: Repo, supervisord: Supervisord) -> Supervisord:
     supervisord.wait_running("control", *WORKERS)
-    wait_for(lambda: set(polled_status(repo).values()) == {"running"}, 20, "all running")
+    wait_for(lambda: set(polled_status(repo.dsn).values()) == {"running"}, 20, "all running")
     return supervisord
 
 
@@ -93,7 +85,7 @@ def test_force_snapshot_gives_a_new_snapshot_within_seconds(
     repo.due_in(2, 200, frequency=300)
     supervisord.ctl("restart", "worker_2")
     supervisord.wait_running("control", "worker_2")
-    wait_for(lambda: polled_status(repo, "2") == {"2": "running"}, 15, "worker_2 running")
+    wait_for(lambda: polled_status(repo.dsn, "2") == {"2": "running"}, 15, "worker_2 running")
     before = repo.one("SELECT snapts FROM powa_snapshot_metas WHERE srvid = 2")
     answer = ask(repo, "FORCE_SNAPSHOT", "2", timeout=3)
     assert answer.status == "OK", answer
@@ -113,13 +105,13 @@ def test_stopped_worker_and_unreachable_remote(
     supervisord = start_supervisord(fleet)
     try:
         supervisord.wait_running("control", f"worker_{srvid}", *WORKERS)
-        wait_for(lambda: polled_status(repo, str(srvid)) == {str(srvid): "running"}, 20,
+        wait_for(lambda: polled_status(repo.dsn, str(srvid)) == {str(srvid): "running"}, 20,
                  "the new worker running")
         supervisord.ctl("stop", "worker_2")
         assert workers_status(repo, "2") == {"2": "stopped"}
         assert workers_status(repo)["2"] == "stopped"
         remote.stop()
-        wait_for(lambda: polled_status(repo, str(srvid)) ==
+        wait_for(lambda: polled_status(repo.dsn, str(srvid)) ==
                  {str(srvid): "no connection to remote server"}, 10, "the remote down")
         (fleet.directory / "workers_enabled" / "worker_1.conf").unlink()
         assert workers_status(repo, "1") == {"1": "disabled"}
@@ -310,14 +302,14 @@ def test_a_removed_program_is_not_reported_stopped(
     fleet: Fleet, repo: Repo, running: Supervisord
 ) -> None:
     assert "worker_2: stopped and removed" in fleet.generate("--disable", "2").stdout
-    wait_for(lambda: polled_status(repo).get("2") == "disabled", 10, "worker_2 disabled")
+    wait_for(lambda: polled_status(repo.dsn).get("2") == "disabled", 10, "worker_2 disabled")
     # linked again by hand, not applied yet: supervisord does not know the program
     link = fleet.directory / "workers_enabled" / "worker_2.conf"
     link.symlink_to("../workers_available/worker_2.conf")
-    wait_for(lambda: polled_status(repo).get("2", "").startswith("not loaded in supervisord"),
+    wait_for(lambda: polled_status(repo.dsn).get("2", "").startswith("not loaded in supervisord"),
              10, "worker_2 reported as not loaded")
     assert ask(repo, "RELOAD", timeout=10).status == "OK"
-    wait_for(lambda: polled_status(repo).get("2") == "running", 20, "worker_2 running again")
+    wait_for(lambda: polled_status(repo.dsn).get("2") == "running", 20, "worker_2 running again")
 
 
 # ---------------------------------------------------------------- RELOAD off the NOTIFY loop
@@ -368,7 +360,7 @@ def test_status_answered_while_a_reload_waits_and_reloads_queue(
     second.close()
     wait_for(lambda: log.read_text().count("reload done") == done_before + 2, 10,
              "two reloads done")
-    assert set(polled_status(repo).values()) == {"running"}
+    assert set(polled_status(repo.dsn).values()) == {"running"}
 
 
 def test_sigterm_stops_the_control_in_the_middle_of_a_reload(
@@ -429,14 +421,19 @@ def second_fleet(fleet: Fleet, name: str, prefix: str) -> Fleet:
     return other
 
 
+def start_control(fleet: Fleet, log: Path) -> subprocess.Popen[bytes]:
+    """A control process of ``fleet`` outside supervisord, logging to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [PYTHON, "-m", "collector.control", "-c", str(fleet.cfg_path)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+
+
 def test_one_collector_per_repository(fleet: Fleet, repo: Repo, running: Supervisord) -> None:
     other = second_fleet(fleet, "other-fleet", "other")
     log = other.directory / "control.log"
-    with log.open("ab") as out:
-        control = subprocess.Popen(
-            [PYTHON, "-m", "collector.control", "-c", str(other.cfg_path)],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-        )
+    control = start_control(other, log)
     try:
         wait_for(lambda: "not serving" in log.read_text(), 20, "the second control to refuse")
         text = log.read_text()
@@ -458,11 +455,7 @@ def test_upstream_collector_on_the_repository_is_refused(fleet: Fleet, repo: Rep
     with psycopg.connect(repo.dsn, autocommit=True,
                          application_name="PoWA collector - main thread (1.3.2)"):
         log = fleet.directory / "control.log"
-        with log.open("ab") as out:
-            control = subprocess.Popen(
-                [PYTHON, "-m", "collector.control", "-c", str(fleet.cfg_path)],
-                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-            )
+        control = start_control(fleet, log)
         try:
             wait_for(lambda: "not serving" in log.read_text(), 20, "the control to refuse")
             assert ("another collector serves this repository: 'PoWA collector - main thread"
@@ -518,7 +511,7 @@ def test_a_fatal_worker_comes_back_without_an_operator(fleet: Fleet, repo: Repo)
     supervisord = start_supervisord(fleet)
     try:
         supervisord.wait_running("control", *WORKERS)
-        wait_for(lambda: set(polled_status(repo).values()) == {"running"}, 30, "all running")
+        wait_for(lambda: set(polled_status(repo.dsn).values()) == {"running"}, 30, "all running")
         good = fleet.cfg_path.read_text()
         # a deploy gone wrong for a moment: the worker dies at start, three times
         fleet.cfg_path.write_text(good.replace("[collector]\n", "[collector]\nbogus = 1\n"))
@@ -529,7 +522,7 @@ def test_a_fatal_worker_comes_back_without_an_operator(fleet: Fleet, repo: Repo)
             fleet.directory / "logs" / "worker_2.log").read_text()
         fleet.cfg_path.write_text(good)
         wait_for(lambda: supervisord.state("worker_2") == "RUNNING", 30, "worker_2 healed")
-        wait_for(lambda: polled_status(repo, "2") == {"2": "running"}, 20, "worker_2 running")
+        wait_for(lambda: polled_status(repo.dsn, "2") == {"2": "running"}, 20, "worker_2 running")
         log = (fleet.directory / "logs" / "control.log").read_text()
         assert "worker_2 is FATAL" in log
         assert "worker_2: starting it again" in log

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -18,7 +18,7 @@ from collector.worker.databases import CatalogRefresh, RefreshRequest, plan
 from collector.worker.remote import RemoteSession
 from collector.worker.sources import DbSource, render_cleanup
 from collector.worker.streaming import Spool
-from tests.conftest import POWA5_WORKLOAD, Supervisord, start_supervisord
+from tests.conftest import POWA5_WORKLOAD, Supervisord
 from tests.helpers import Fleet, Repo, wait_for
 from tests.powa5 import (
     SHOP,
@@ -276,38 +276,12 @@ def test_a_spool_keeps_whole_sources_only_and_moves_to_a_file_when_big(
 
 
 # ---------------------------------------------------------------- the control, on PoWA 5
-WORKERS = ("worker_1", "worker_2")
-
 
 def ask(dsn: str, command: str, *args: str, timeout: float = 3.0) -> Answer:
     with Client(dsn) as client:
         answers = client.ask(command, args, timeout=timeout)
     assert len(answers) == 1, f"no answer to {command} {args}"
     return answers[0]
-
-
-def polled_status(dsn: str) -> dict[str, str]:
-    with Client(dsn) as client:
-        answers = client.ask("WORKERS_STATUS", (), timeout=1)
-    if not answers or answers[0].status != "OK":
-        return {}
-    return json.loads(answers[0].data)  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def running5(powa5_fleet: Fleet, powa5_repo: Repo) -> Iterator[Supervisord]:
-    # snapshots are minutes away: the test says when they happen (FORCE_SNAPSHOT)
-    for srvid in powa5_repo.srvids:
-        powa5_repo.due_in(srvid, 250, frequency=300)
-    assert powa5_fleet.generate().returncode == 0
-    supervisord = start_supervisord(powa5_fleet)
-    try:
-        supervisord.wait_running("control", *WORKERS)
-        wait_for(lambda: set(polled_status(powa5_repo.dsn).values()) == {"running"}, 30,
-                 "all running")
-        yield supervisord
-    finally:
-        supervisord.stop()
 
 
 def test_refresh_db_cat_is_answered_and_done_at_the_next_snapshot(

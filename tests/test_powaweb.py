@@ -9,16 +9,14 @@ request handlers are driven directly (tests/powaweb.py).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import simplejson as json
 
 from collector import __version__
-from collector.cli.client import Client
 from tests import powaweb
-from tests.conftest import Supervisord, start_supervisord
+from tests.conftest import Supervisord, wait_all_running
 from tests.helpers import Fleet, Repo, wait_for
 from tests.powa5 import SHOP
 
@@ -43,22 +41,6 @@ def powa_web_5() -> Path:
     return installed(powaweb.POWA_WEB_5)
 
 
-def polled_status(dsn: str) -> dict[str, str]:
-    """WORKERS_STATUS for a wait: no answer yet (a control still starting) is an empty one."""
-    with Client(dsn) as client:
-        answers = client.ask("WORKERS_STATUS", (), timeout=1)
-    if not answers or answers[0].status != "OK":
-        return {}
-    return json.loads(answers[0].data)  # type: ignore[no-any-return]
-
-
-def all_running(supervisord: Supervisord, repo: Repo) -> None:
-    workers = [f"worker_{srvid}" for srvid in repo.srvids]
-    supervisord.wait_running("control", *workers)
-    wait_for(lambda: polled_status(repo.dsn) == {str(s): "running" for s in repo.srvids}, 30,
-             "every worker running")
-
-
 def one_answer(answers: list[dict[str, str]]) -> tuple[str, str]:
     """(STATUS, DATA) of the single answer powa-web received."""
     assert len(answers) == 1, answers
@@ -75,7 +57,7 @@ def collector_seen(page: str) -> bool:
 # ---------------------------------------------------------------- PoWA 4.1, powa-web 4.1.4
 @pytest.fixture
 def running(fleet: Fleet, repo: Repo, supervisord: Supervisord) -> Supervisord:
-    all_running(supervisord, repo)
+    wait_all_running(supervisord, repo)
     return supervisord
 
 
@@ -133,20 +115,6 @@ def test_powa_web_4_notify_collector_gets_our_answers(
 
 
 # ---------------------------------------------------------------- PoWA 5, powa-web 5.3.1
-@pytest.fixture
-def running5(powa5_fleet: Fleet, powa5_repo: Repo) -> Iterator[Supervisord]:
-    # snapshots are minutes away: FORCE_SNAPSHOT is then accepted
-    for srvid in powa5_repo.srvids:
-        powa5_repo.due_in(srvid, 250, frequency=300)
-    assert powa5_fleet.generate().returncode == 0
-    supervisord = start_supervisord(powa5_fleet)
-    try:
-        all_running(supervisord, powa5_repo)
-        yield supervisord
-    finally:
-        supervisord.stop()
-
-
 def test_powa_web_5_sees_the_collector_and_gets_our_answers(
     powa_web_5: Path, powa5_repo: Repo, running5: Supervisord, tmp_path: Path
 ) -> None:

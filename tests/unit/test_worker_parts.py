@@ -97,6 +97,14 @@ class FakeRemote:
         self.calls.append("abort")
 
 
+def armed(dog: Watchdog, remote_deadline: float, repo_deadline: float) -> FakeRemote:
+    """A snapshot under way: its remote phase must end by ``remote_deadline``."""
+    remote = FakeRemote()
+    dog.arm(cast(RemoteSession, remote), repo_deadline=repo_deadline)
+    dog.remote_begin(deadline=remote_deadline)
+    return remote
+
+
 @pytest.fixture
 def watchdog() -> Any:
     wakeup = Wakeup()
@@ -109,9 +117,7 @@ def watchdog() -> Any:
 
 def test_watchdog_cancels_an_overrun_then_drops_a_frozen_remote(watchdog: Any) -> None:
     dog, _, _ = watchdog
-    remote = FakeRemote()
-    dog.arm(cast(RemoteSession, remote), repo_deadline=10_000.0)
-    dog.remote_begin(deadline=100.0)
+    remote = armed(dog, remote_deadline=100.0, repo_deadline=10_000.0)
     dog.check(99.0)
     assert remote.calls == []
     dog.check(100.0)
@@ -126,9 +132,7 @@ def test_watchdog_cancels_an_overrun_then_drops_a_frozen_remote(watchdog: Any) -
 
 def test_watchdog_spares_a_remote_that_moved_on_after_the_cancel(watchdog: Any) -> None:
     dog, _, _ = watchdog
-    remote = FakeRemote()
-    dog.arm(cast(RemoteSession, remote), repo_deadline=10_000.0)
-    dog.remote_begin(deadline=100.0)
+    remote = armed(dog, remote_deadline=100.0, repo_deadline=10_000.0)
     dog.check(100.0)
     dog.remote_statement()
     dog.check(200.0)
@@ -137,9 +141,7 @@ def test_watchdog_spares_a_remote_that_moved_on_after_the_cancel(watchdog: Any) 
 
 def test_watchdog_gives_a_stop_its_grace_then_cancels(watchdog: Any) -> None:
     dog, flags, stops = watchdog
-    remote = FakeRemote()
-    dog.arm(cast(RemoteSession, remote), repo_deadline=10_000.0)
-    dog.remote_begin(deadline=10_000.0)
+    remote = armed(dog, remote_deadline=10_000.0, repo_deadline=10_000.0)
     flags.handle(signal.SIGTERM)
     started = flags.stop_requested_at
     dog.check(started + 1.0)
@@ -152,9 +154,7 @@ def test_watchdog_gives_a_stop_its_grace_then_cancels(watchdog: Any) -> None:
 
 def test_watchdog_a_second_stop_cancels_at_once(watchdog: Any) -> None:
     dog, flags, _ = watchdog
-    remote = FakeRemote()
-    dog.arm(cast(RemoteSession, remote), repo_deadline=10_000.0)
-    dog.remote_begin(deadline=10_000.0)
+    remote = armed(dog, remote_deadline=10_000.0, repo_deadline=10_000.0)
     flags.handle(signal.SIGTERM)
     flags.handle(signal.SIGTERM)
     dog.check(flags.stop_requested_at + 0.1)
@@ -164,9 +164,7 @@ def test_watchdog_a_second_stop_cancels_at_once(watchdog: Any) -> None:
 
 def test_watchdog_does_nothing_when_disarmed(watchdog: Any) -> None:
     dog, flags, _ = watchdog
-    remote = FakeRemote()
-    dog.arm(cast(RemoteSession, remote), repo_deadline=50.0)
-    dog.remote_begin(deadline=10.0)
+    remote = armed(dog, remote_deadline=10.0, repo_deadline=50.0)
     dog.disarm()
     flags.handle(signal.SIGTERM)
     dog.check(10_000.0)
