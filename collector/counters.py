@@ -34,11 +34,10 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-import redis
-
 from collector.config import RedisConfig
 from collector.keys import client
 from collector.logs import Outage
+from collector.syncredis import redis
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import redis
 import simplejson as json
 
 from collector.logs import REDACTOR
+from collector.syncredis import redis
 
 log = logging.getLogger(__name__)
 

@@ -33,13 +33,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import redis
 import simplejson as json
 
 from collector.backoff import Backoff
 from collector.errors import ProtocolError
 from collector.keys import client, commands_key, program_name, reply_key
 from collector.logs import Outage, one_line
+from collector.syncredis import redis
 
 log = logging.getLogger(__name__)
 

@@ -12,14 +12,13 @@ import xmlrpc.client
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import redis
-
 from collector import keys
 from collector.cli.findings import Finding, fail, ok, warning
 from collector.config import Config, is_loopback
 from collector.errors import SupervisorError
 from collector.fleet.supervisord import Supervisor
 from collector.logs import one_line
+from collector.syncredis import redis
 
 #: seconds to wait for our own supervisord
 SUPERVISOR_TIMEOUT = 5.0

@@ -28,7 +28,6 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-import redis
 import simplejson as json
 from psycopg import sql
 
@@ -38,6 +37,7 @@ from collector.control.board import DISABLED, StatusBoard, WorkerView
 from collector.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, FleetError
 from collector.keys import STATUS_RUNNING
 from collector.logs import one_line
+from collector.syncredis import redis
 
 COLUMNS = ("id", "alias", "program", "status", "last snapshot", "duration", "last error")
 #: aliases are free text of powa_servers: a long one must not push the table away

@@ -16,14 +16,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
 from collector.config import Config
 from collector.errors import SupervisorError
 from collector.fleet import files
 from collector.fleet.supervisord import Supervisor
 from collector.keys import STATUS_STOPPED, STATUS_STOPPING, client, loads, program_name, status_key
 from collector.logs import one_line
+from collector.syncredis import redis
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import redis
-
 from collector import mailbox
 from collector.config import Config
 from collector.control import protocol
@@ -23,6 +21,7 @@ from collector.control.protocol import Request
 from collector.errors import ProtocolError
 from collector.keys import program_name
 from collector.pg import PowaExtension
+from collector.syncredis import redis
 
 #: how long FORCE_SNAPSHOT and REFRESH_DB_CAT wait for the worker's answer
 WORKER_REPLY_TIMEOUT = 1.0

@@ -25,13 +25,13 @@ import logging
 import os
 import socket
 
-import redis
 import simplejson as json
 
 from collector.config import Config
 from collector.keys import loads
 from collector.pg import Conn
 from collector.repository import CONTROL_SESSION_PREFIX
+from collector.syncredis import redis
 
 log = logging.getLogger("collector.control")
 

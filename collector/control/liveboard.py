@@ -25,8 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
 from collector.backoff import Backoff
 from collector.control.board import DISABLED, StatusBoard, derive_status
 from collector.keys import (
@@ -41,6 +39,7 @@ from collector.keys import (
     status_key,
 )
 from collector.logs import Outage
+from collector.syncredis import redis
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ import sys
 import time
 from typing import Any, TextIO
 
-import redis
 import simplejson as json
 from supervisor import childutils
 
@@ -36,6 +35,7 @@ from collector import config, daemon, logs
 from collector.errors import EXIT_OK, SupervisorError
 from collector.fleet.supervisord import Supervisor
 from collector.keys import ALIVE_TTL, alive_key, client, programs_key
+from collector.syncredis import redis
 
 log = logging.getLogger("collector.fleet.programs")
 

@@ -12,10 +12,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
 from collector import counters
 from collector.keys import alive_key, loads, programs_key, status_key
+from collector.syncredis import redis
 
 #: MGET this many status keys at a time (a whole fleet in a few round trips)
 CHUNK = 500

@@ -18,7 +18,6 @@ import threading
 from collections.abc import Iterable
 from wsgiref.simple_server import WSGIServer
 
-import redis
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import Metric
 
@@ -28,6 +27,7 @@ from collector.keys import client
 from collector.logs import Outage
 from collector.metrics.families import families, redis_down
 from collector.metrics.reading import read
+from collector.syncredis import redis
 from collector.wakeup import SignalFlags, Wakeup
 
 log = logging.getLogger("collector.metrics")

@@ -17,8 +17,6 @@ import threading
 import time
 from typing import Any
 
-import redis
-
 from collector.backoff import Backoff
 from collector.keys import (
     client,
@@ -30,6 +28,7 @@ from collector.keys import (
     status_key,
 )
 from collector.logs import Outage
+from collector.syncredis import redis
 
 log = logging.getLogger(__name__)
 
