@@ -85,8 +85,10 @@ def test_every_module_imports_redis_through_syncredis() -> None:
         if path.name == "syncredis.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
             names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                     else [node.module or ""])
             if any(name == "redis" or name.startswith("redis.") for name in names):
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
     assert offenders == [], "import redis as: from collector.syncredis import redis"
