@@ -15,11 +15,23 @@ pg_qualstats.  Each round refreshes the workload, then measures:
 
 Then the worker's memory (PSS) at rest and at the peak of snapshots, for
 remotes of growing size, beside upstream's process doing the same snapshots.
+
+Then CPU (issue 14), measured from outside each process:
+
+* a scheduled worker (the program section the generator writes: its flags,
+  its environment, its bytecode cache) beside upstream's daemon collecting an
+  identical server, both every ``--cpu-frequency`` seconds: CPU of all
+  threads (``/proc/PID/task/*/schedstat``) over ``--cpu-seconds`` divided by
+  the snapshots taken meanwhile, and each thread's CPU and wake-ups;
+* ``python -m collector.worker --once`` against upstream's code taking one
+  snapshot in a fresh process (upstream has no one-shot command): wall time
+  from exec to exit, turn by turn on the same server.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import threading
@@ -30,8 +42,9 @@ import simplejson as json
 from psycopg import sql
 
 from benchmarks.common import ROOT, header, median, ms, pss_kib, table, upstream_python
-from collector import repository
+from collector import config, repository
 from collector.demo import sandbox
+from collector.fleet import bytecode, files
 from collector.worker.remote import RemoteSession
 from collector.worker.snapshot import Snapshot
 
@@ -47,6 +60,18 @@ for line in sys.stdin:
     started = time.perf_counter()
     worker._PowaThread__take_snapshot()
     print(json.dumps({"wall": time.perf_counter() - started}), flush=True)
+"""
+
+
+UPSTREAM_ONCE = """
+import sys
+from powa_collector.powa_worker import PowaThread
+repo_dsn, host, port, srvid = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+config = {"dsn": {"host": host, "port": port, "user": "postgres", "dbname": "powa"},
+          "frequency": 300, "alias": "bench", "srvid": srvid}
+worker = PowaThread("bench", {"dsn": repo_dsn}, config, False)
+worker._PowaThread__check_powa()
+worker._PowaThread__take_snapshot()
 """
 
 
@@ -258,18 +283,175 @@ def memory(base: Path, template: Path, sizes: list[int]) -> str:
     )
 
 
+def cpu_ns(pid: int) -> dict[int, tuple[int, int]]:
+    """(ns on CPU, times scheduled) of each thread of ``pid``, by thread id."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            on_cpu, _, slices = task.joinpath("schedstat").read_text().split()
+        except (OSError, ValueError):
+            continue
+        found[int(task.name)] = (int(on_cpu), int(slices))
+    return found
+
+
+def snapshot_count(repo: sandbox.Cluster) -> int:
+    with repo.connect() as conn:
+        row = conn.execute("SELECT sum(coalesce_seq) FROM powa_snapshot_metas"
+                           " WHERE srvid > 0").fetchone()
+    return int(row[0] or 0) if row else 0
+
+
+def fleet_cfg(base: Path, repo: sandbox.Cluster, redis_url: str, name: str) -> Path:
+    directory = base / name
+    directory.mkdir()
+    path = directory / "collector.cfg"
+    path.write_text(f"[repository]\ndsn = {repo.dsn()}\n[redis]\nurl = {redis_url}\n"
+                    f"prefix = {name}\n[collector]\nlog_level = warning\n")
+    return path
+
+
+def scheduled_worker(cfg_path: Path, srvid: int) -> subprocess.Popen[bytes]:
+    """A worker started as supervisord would start it from the generated section."""
+    cfg = config.load(cfg_path)
+    bytecode.warm(cfg, sys.executable)
+    return subprocess.Popen(
+        [sys.executable, *files.WORKER_FLAGS, "-m", "collector.worker", "-c", str(cfg_path),
+         "--srvid", str(srvid)],
+        cwd=ROOT, env={**os.environ, **files.worker_environment(cfg)},
+    )
+
+
+def upstream_daemon(base: Path, repo: sandbox.Cluster) -> subprocess.Popen[bytes]:
+    python = upstream_python()
+    workdir = base / "upstream-daemon"
+    workdir.mkdir()
+    (workdir / "powa-collector.conf").write_text(json.dumps(
+        {"repository": {"dsn": repo.dsn()}, "use_server_alias": False, "debug": False}))
+    return subprocess.Popen([str(python), str(Path(python).parent / "powa-collector.py")],
+                            cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def cpu_rounds(args: argparse.Namespace, base: Path, template: Path) -> str:
+    """CPU per snapshot of a scheduled worker and of upstream's daemon, same run."""
+    redis_server = sandbox.RedisServer()
+    redis_server.start()
+    clusters = {}
+    for name in ("cpu-ours-repo", "cpu-ours-remote", "cpu-theirs-repo", "cpu-theirs-remote"):
+        clusters[name] = sandbox.clone(template, base / name)
+        clusters[name].start()
+    ours_repo, theirs_repo = clusters["cpu-ours-repo"], clusters["cpu-theirs-repo"]
+    for who in ("ours", "theirs"):
+        sandbox.create_workload(clusters[f"cpu-{who}-remote"], args.cpu_statements)
+    with ours_repo.connect() as conn:
+        srvid = sandbox.register_remote(conn, clusters["cpu-ours-remote"],
+                                        frequency=args.cpu_frequency)
+    with theirs_repo.connect() as conn:
+        sandbox.register_remote(conn, clusters["cpu-theirs-remote"], frequency=args.cpu_frequency)
+    processes = {
+        "powa-fleet worker": (scheduled_worker(
+            fleet_cfg(base, ours_repo, redis_server.url, "cpu-fleet"), srvid), ours_repo),
+        "upstream powa-collector": (upstream_daemon(base, theirs_repo), theirs_repo),
+    }
+    rows: list[list[object]] = []
+    threads: list[list[object]] = []
+    try:
+        # past the start, the first connections and the first snapshots
+        time.sleep(3 * args.cpu_frequency + 5)
+        before = {who: (cpu_ns(p.pid), snapshot_count(r)) for who, (p, r) in processes.items()}
+        time.sleep(args.cpu_seconds)
+        for who, (process, repo) in processes.items():
+            tasks, count = cpu_ns(process.pid), snapshot_count(repo)
+            start, start_count = before[who]
+            spent = {tid: (tasks[tid][0] - start.get(tid, (0, 0))[0],
+                           tasks[tid][1] - start.get(tid, (0, 0))[1]) for tid in tasks}
+            total = sum(ns for ns, _ in spent.values())
+            snapshots = count - start_count
+            rows.append([who, len(tasks), snapshots, ms(total / 1e9),
+                         ms(total / 1e9 / snapshots) if snapshots else "-"])
+            for n, tid in enumerate(sorted(spent)):
+                ns, slices = spent[tid]
+                threads.append([who, "main" if tid == process.pid else f"thread {n}",
+                                ms(ns / 1e9), slices,
+                                f"{slices / args.cpu_seconds:.2f}"])
+    finally:
+        for process, _ in processes.values():
+            sandbox.terminate(process, 30)
+        for cluster in clusters.values():
+            cluster.stop()
+        redis_server.stop()
+    return "\n".join([
+        table(f"CPU per snapshot, every {args.cpu_frequency} s for {args.cpu_seconds:.0f} s,"
+              f" {args.cpu_statements} statements (all threads, /proc schedstat)",
+              ["process", "threads", "snapshots", "CPU ms", "CPU ms per snapshot"], rows),
+        table("The same, thread by thread", ["process", "thread", "CPU ms", "times scheduled",
+                                             "per second"], threads),
+    ])
+
+
+def once_rounds(args: argparse.Namespace, base: Path, template: Path) -> str:
+    """``--once`` against upstream's code taking one snapshot, fresh processes, in turns."""
+    redis_server = sandbox.RedisServer()
+    redis_server.start()
+    repo = sandbox.clone(template, base / "once-repo")
+    remote = sandbox.clone(template, base / "once-remote")
+    repo.start()
+    remote.start()
+    sandbox.create_workload(remote, args.cpu_statements)
+    with repo.connect() as conn:
+        srvid = sandbox.register_remote(conn, remote, alias="once")
+    cfg = fleet_cfg(base, repo, redis_server.url, "once-fleet")
+    commands = {
+        "ours": [sys.executable, "-m", "collector.worker", "-c", str(cfg), "--srvid",
+                 str(srvid), "--once"],
+        "upstream": [str(upstream_python()), "-c", UPSTREAM_ONCE, repo.dsn(), remote.host,
+                     str(remote.port), str(srvid)],
+    }
+    walls: dict[str, list[float]] = {"ours": [], "upstream": []}
+    try:
+        for n in range(args.once_rounds + 1):
+            for who in (("ours", "upstream") if n % 2 else ("upstream", "ours")):
+                started = time.perf_counter()
+                subprocess.run(commands[who], cwd=ROOT, check=True, capture_output=True)
+                if n:
+                    # the first round warms the caches of both
+                    walls[who].append(time.perf_counter() - started)
+    finally:
+        repo.stop()
+        remote.stop()
+        redis_server.stop()
+    ratios = [o / u for o, u in zip(walls["ours"], walls["upstream"], strict=True)]
+    return table(
+        f"One-shot snapshot in a fresh process, {args.cpu_statements} statements, wall ms"
+        f" (median of {args.once_rounds})",
+        ["powa-fleet --once", "upstream, one snapshot", "ours / upstream (median of rounds)"],
+        [[ms(median(walls["ours"])), ms(median(walls["upstream"])), f"{median(ratios):.2f}"]],
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--statements", type=int, default=3500)
     parser.add_argument("--memory-sizes", default="200,3500,9000")
+    parser.add_argument("--cpu-statements", type=int, default=500)
+    parser.add_argument("--cpu-frequency", type=int, default=5)
+    parser.add_argument("--cpu-seconds", type=float, default=50)
+    parser.add_argument("--once-rounds", type=int, default=10)
+    parser.add_argument("--only", choices=("timing", "memory", "cpu"),
+                        help="run one part only")
     args = parser.parse_args()
     output = [header("Snapshot of one server (issue 2)")]
     with sandbox.workspace("powa-fleet-bench-") as base:
         template = sandbox.make_template(base)
-        output.append(timing_rounds(args, base, template))
-        output.append(memory(base, template, [int(s) for s in args.memory_sizes.split(",")]))
+        if args.only in (None, "timing"):
+            output.append(timing_rounds(args, base, template))
+        if args.only in (None, "memory"):
+            output.append(memory(base, template, [int(s) for s in args.memory_sizes.split(",")]))
+        if args.only in (None, "cpu"):
+            output.append(cpu_rounds(args, base, template))
+            output.append(once_rounds(args, base, template))
     print("\n".join(output))
     return 0
 
