@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,26 @@ class PluginsConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """This host among the collector hosts sharing one repository and one Redis."""
+
+    #: the name this host announces (default: the machine's host name)
+    host: str = "localhost"
+    #: seconds between two heartbeats of this host; it is taken for gone after three missed
+    heartbeat: int = 5
+
+
+#: host names of [fleet] host: they end up in Redis keys and PostgreSQL application names
+FLEET_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}")
+
+
+def default_host_name() -> str:
+    """The machine's host name, made a valid ``[fleet] host`` (first label kept when too long)."""
+    name = re.sub(r"[^A-Za-z0-9_.\-]", "-", socket.gethostname()).lstrip("-_.") or "localhost"
+    return name if FLEET_HOST.fullmatch(name) else name.split(".")[0][:40]
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     #: "host:port" of the Prometheus endpoint (collector.metrics), "" when metrics are off
     listen: str = ""
@@ -110,6 +131,7 @@ class Config:
     collector: CollectorConfig
     plugins: PluginsConfig
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
     @property
     def directory(self) -> Path:
@@ -216,6 +238,7 @@ class _Reader:
         ),
         "plugins": frozenset({"enabled"}),
         "metrics": frozenset({"listen", "allow_remote"}),
+        "fleet": frozenset({"host", "heartbeat"}),
     }
 
     def __init__(self, path: Path, parser: configparser.ConfigParser) -> None:
@@ -249,9 +272,18 @@ class _Reader:
         )
         plugins = self._plugins()
         metrics = self._metrics(supervisor)
+        fleet = self._fleet()
         if self.problems:
             raise ConfigError(self.problems)
-        return Config(self.path, repository, redis, supervisor, collector, plugins, metrics)
+        return Config(self.path, repository, redis, supervisor, collector, plugins, metrics,
+                      fleet)
+
+    def _fleet(self) -> FleetConfig:
+        host = self._get("fleet", "host") or default_host_name()
+        if not FLEET_HOST.fullmatch(host):
+            self.problem("fleet", "host", "expected a name of letters, digits, '.', '_' or '-'"
+                         " (40 at most, starting with a letter or digit)")
+        return FleetConfig(host=host, heartbeat=self._int("fleet", "heartbeat", 5, 1, 60))
 
     def _check_names(self) -> None:
         for section in self.parser.sections():

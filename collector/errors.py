@@ -103,5 +103,17 @@ class SnapshotAborted(FleetError):
     """The snapshot could not be stored at all; the message says why."""
 
 
+class LeaseHeldError(SnapshotAborted):
+    """Another collector host holds the server's lease (collector.hosts): not ours to take."""
+
+    def __init__(self, srvid: int, holder: str) -> None:
+        super().__init__(f"server {srvid} is collected by host {holder} (it holds its lease)")
+        self.holder = holder
+
+
+class SnapshotTooSoon(SnapshotAborted):
+    """The server's last snapshot, by whoever took it, is younger than half its period."""
+
+
 class ProtocolError(FleetError):
     """A NOTIFY request that cannot be served; the message is the answer's data."""

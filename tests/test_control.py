@@ -18,10 +18,9 @@ import simplejson as json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector import __version__, config
+from collector import __version__, config, hosts
 from collector.cli.client import Answer, Client
 from collector.control.board import StatusBoard
-from collector.control.exclusive import Exclusive
 from collector.control.liveboard import LiveBoard
 from collector.demo import sandbox
 from tests.conftest import Supervisord, start_supervisord
@@ -468,16 +467,18 @@ def test_upstream_collector_on_the_repository_is_refused(fleet: Fleet, repo: Rep
             control.wait(10)
 
 
-def test_one_fleet_per_redis_prefix(fleet: Fleet, repo: Repo) -> None:
-    first = Exclusive(config.load(fleet.cfg_path), fleet.redis())
+def test_one_fleet_per_host_name_on_a_redis_prefix(fleet: Fleet, repo: Repo) -> None:
+    first = hosts.Membership(config.load(fleet.cfg_path), fleet.redis())
     other = second_fleet(fleet, "same-prefix", fleet.prefix)
-    second = Exclusive(config.load(other.cfg_path), fleet.redis())
-    assert first._claim() is None
-    refused = second._claim()
+    second = hosts.Membership(config.load(other.cfg_path), fleet.redis())
+    assert first.beat() is None
+    # another directory under the same (default) host name: refused
+    refused = second.beat()
     assert refused is not None
-    assert f"used by the fleet in '{fleet.directory}'" in refused
-    # the same fleet restarting (another pid) takes its own claim back
-    assert Exclusive(config.load(fleet.cfg_path), fleet.redis())._claim() is None
+    assert f"announced by the fleet in '{fleet.directory}'" in refused
+    assert set(first.live()) == {first.me}
+    # the same fleet restarting (another process) takes its own name back
+    assert hosts.Membership(config.load(fleet.cfg_path), fleet.redis()).beat() is None
 
 
 def test_a_flood_from_a_role_without_rights_does_not_silence_the_control(

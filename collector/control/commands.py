@@ -29,8 +29,11 @@ WORKER_REPLY_TIMEOUT = 1.0
 
 class Commands:
     def __init__(self, cfg: Config, board: StatusBoard, live: LiveBoard,
-                 connection: redis.Redis, powa: Callable[[], PowaExtension | None]) -> None:
+                 connection: redis.Redis, powa: Callable[[], PowaExtension | None], *,
+                 others: Callable[[], dict[int, str]] = dict) -> None:
         self.cfg = cfg
+        #: servers other hosts of the fleet collect, and which host (collector.hosts)
+        self.others = others
         self.board = board
         self.live = live
         self.redis = connection
@@ -47,21 +50,44 @@ class Commands:
         # like upstream: only the first argument counts, a non-number means all
         if request.args and protocol.is_id(request.args[0]):
             wanted = int(request.args[0])
+        others = self.others()
+        if wanted is not None and wanted in others:
+            return "OK", protocol.workers_status_json(self._remote({wanted: others[wanted]}),
+                                                      self._room(request))
         statuses = None if wanted is not None else self.live.statuses()
         if statuses is None:
             # one server, or the live picture is incomplete: ask supervisord and Redis now
             statuses = self.board.statuses(wanted)
-        elif statuses is self._fleet_answer[0]:
+        elif statuses is self._fleet_answer[0] and not others:
             # unchanged since the last request: the live board hands the same dict back
             return "OK", self._fleet_answer[1]
-        room = protocol.MAX_PAYLOAD - len(f"{request.command} OK ".encode())
-        data = protocol.workers_status_json(statuses, room)
-        if wanted is None:
+        if wanted is None and others:
+            statuses = {**self._remote(others), **statuses}
+        data = protocol.workers_status_json(statuses, self._room(request))
+        if wanted is None and not others:
             self._fleet_answer = (statuses, data)
         return "OK", data
 
+    @staticmethod
+    def _room(request: Request) -> int:
+        return protocol.MAX_PAYLOAD - len(f"{request.command} OK ".encode())
+
+    def _remote(self, others: dict[int, str]) -> dict[int, str]:
+        """Statuses of servers other hosts collect: their workers' own, from Redis."""
+        try:
+            documents = self.board.documents(others)
+        except redis.RedisError:
+            return {s: "unknown: Redis unavailable" for s in others}
+        return {srvid: str(documents[srvid].get("status") or "unknown")
+                if srvid in documents else f"unknown: no status from host {host}"
+                for srvid, host in others.items()}
+
     def force_snapshot(self, request: Request) -> tuple[str, str]:
         srvid = protocol.parse_srvid(request.args)
+        if srvid in self.others():
+            # its owner's worker answers through the same mailbox (the fleet's key)
+            return mailbox.ask(self.redis, self.cfg.redis.prefix, srvid, "force_snapshot",
+                               WORKER_REPLY_TIMEOUT, key=self.mailbox_key)
         view = self._view(srvid)
         if view.status == DISABLED:
             raise ProtocolError(f"Server id {srvid} is disabled (no symlink in workers_enabled/)")
@@ -73,7 +99,6 @@ class Commands:
     def refresh_db_cat(self, request: Request) -> tuple[str, str]:
         """Queued by the worker for its next snapshot (PoWA 5 keeps per-database catalogs)."""
         srvid, dbnames = protocol.parse_refresh_db_cat(request.args)
-        view = self._view(srvid)
         powa = self.powa()
         assert powa is not None
         if powa.major < 5:
@@ -81,6 +106,10 @@ class Commands:
                 f"REFRESH_DB_CAT needs PoWA 5 or later on the repository: it has PoWA"
                 f" {powa.version}, which keeps no per-database catalogs"
             )
+        if srvid in self.others():
+            return mailbox.ask(self.redis, self.cfg.redis.prefix, srvid, "refresh_db_cat",
+                               WORKER_REPLY_TIMEOUT, key=self.mailbox_key, args=dbnames)
+        view = self._view(srvid)
         if view.status == DISABLED:
             raise ProtocolError(f"Server id {srvid} is disabled (no symlink in workers_enabled/)")
         if view.program_state != "RUNNING":

@@ -23,6 +23,7 @@ the NOTIFY loop through ``outbox``; only that loop talks on its connection.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -32,14 +33,20 @@ from dataclasses import dataclass
 
 import psycopg
 
-from collector import config, counters, logs, repository
+from collector import config, counters, hosts, logs, repository
 from collector.config import Config
 from collector.control.board import StatusBoard, WorkerView
 from collector.control.healer import Healer
 from collector.errors import ConfigError, FleetError
 from collector.fleet import files
 from collector.fleet.supervisord import ApplyReport, Supervisor
-from collector.keys import CONTROL, STATUS_NO_REMOTE, STATUS_NO_REPOSITORY, program_name
+from collector.keys import (
+    CONTROL,
+    STATUS_NO_REMOTE,
+    STATUS_NO_REPOSITORY,
+    client,
+    program_name,
+)
 from collector.repository import Server
 
 log = logging.getLogger("collector.control")
@@ -86,6 +93,18 @@ class Reloader(threading.Thread):
         self.healer = Healer(first_delay=first) if first else None
         self.heal_every = min(HEAL_EVERY, max(1.0, first / 2)) if first else HEAL_EVERY
         self._heal_outage = logs.Outage(log, "cannot look after FATAL programs now")
+        #: the live collector hosts this host shares the servers with (None: not seen yet)
+        self.view: list[str] | None = hosts.saved_view(cfg)
+        #: the servers this host collects, as of the last reload
+        self.owned: list[int] = []
+        #: the servers other live hosts collect, and which host (as of the last reload)
+        self.others: dict[int, str] = {}
+        #: told which servers this host collects after each reload
+        self.on_owned: Callable[[set[int]], None] = lambda owned: None
+
+    def share(self, view: list[str]) -> None:
+        """The live hosts changed: the next reload takes this host's new share."""
+        self.view = list(view)
 
     def request(self, requester: Requester) -> None:
         """Queue a reload for ``requester`` (answered later, through ``outbox``)."""
@@ -158,6 +177,8 @@ class Reloader(threading.Thread):
         try:
             servers, generated, supervisor, planned = self._plan()
             supervisor.execute(planned, self.cancel)
+            # the leases follow the programs: released once the old ones stopped
+            self.on_owned(set(self.owned))
             signalled = self._tell_workers(supervisor, servers)
         except (FleetError, psycopg.Error) as exc:
             timer.cancel()
@@ -183,12 +204,28 @@ class Reloader(threading.Thread):
 
     def _plan(self) -> tuple[list[Server], files.Report, Supervisor, ApplyReport]:
         servers = self._servers()
-        generated = files.generate(self.cfg, [s.srvid for s in servers])
+        view = self.view
+        if view is None:
+            with contextlib.closing(client(self.cfg.redis.url)) as connection:
+                view, _ = hosts.current_view(self.cfg, connection)
+        self._share_out([s.srvid for s in servers], view)
+        generated = files.generate(self.cfg, self.owned)
         if generated.restart_needed:
             log.warning("%s", generated.lines()[-1])
         supervisor = Supervisor(self.cfg.supervisor_socket)
         # restarting itself from inside a request would kill this very request
         return servers, generated, supervisor, supervisor.plan(keep=CONTROL)
+
+    @staticmethod
+    def _owners(srvids: list[int], view: list[str]) -> dict[int, str]:
+        return {srvid: hosts.owner(srvid, view) or "" for srvid in srvids}
+
+    def _share_out(self, srvids: list[int], view: list[str]) -> None:
+        """This host's servers and the other hosts' ones, under ``view``."""
+        me = self.cfg.fleet.host
+        owners = self._owners(srvids, sorted(set(view) | {me}))
+        self.owned = [s for s, host in owners.items() if host == me]
+        self.others = {s: host for s, host in owners.items() if host != me}
 
     def _reread_config(self) -> None:
         """The configuration as it is now on disk; ConfigError (nothing changed) if invalid.
@@ -227,9 +264,20 @@ class Reloader(threading.Thread):
             return repository.list_servers(conn, repository.require_powa(conn))
 
     def _baseline(self) -> dict[int, str]:
-        """The rows as the running workers read them at their start, near enough."""
+        """The rows as the running workers read them at their start, near enough.
+
+        The servers this host runs programs for are its share until a reload
+        says otherwise: their leases are taken from the start.
+        """
+        self.owned = sorted(files.available(self.cfg))
+        self.on_owned(set(self.owned))
         try:
-            return fingerprints(self._servers())
+            servers = self._servers()
+            if self.view is not None:
+                self.others = {s: h for s, h in self._owners([x.srvid for x in servers],
+                                                             self.view).items()
+                               if s not in self.owned}
+            return fingerprints(servers)
         except (FleetError, psycopg.Error) as exc:
             log.warning("cannot read powa_servers yet: %s", logs.one_line(exc))
             return {}

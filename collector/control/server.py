@@ -30,6 +30,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -41,6 +42,8 @@ from collector.control.admission import Admission, Incoming, permission
 from collector.control.board import StatusBoard
 from collector.control.commands import WORKER_REPLY_TIMEOUT, Commands
 from collector.control.exclusive import Exclusive
+from collector.control.hostkeeper import HostKeeper
+from collector.control.leases import Leases
 from collector.control.liveboard import LiveBoard
 from collector.control.protocol import Request
 from collector.control.reload import Reloader
@@ -73,11 +76,17 @@ class Control:
         self.redis = client(cfg.redis.url, socket_timeout=WORKER_REPLY_TIMEOUT + 2)
         self.reloader = Reloader(cfg, self.board, self.wakeup.notify)
         self.exclusive = Exclusive(cfg, self.redis)
+        self.leases = Leases(cfg)
+        self.reloader.on_owned = self.leases.want
+        #: the repository backend holding the leader's lock, while this control leads
+        self.backend_pid: int | None = None
+        self.hostkeeper = HostKeeper(cfg, self.reloader, self.leases, self.leader_facts)
         self.admission = Admission(self.allowed)
         self.backoff = Backoff(initial=0.5, maximum=30.0)
         self.lost_at: float | None = None
         self.last_check = 0.0
-        self.commands = Commands(cfg, self.board, self.live, self.redis, lambda: self.powa)
+        self.commands = Commands(cfg, self.board, self.live, self.redis, lambda: self.powa,
+                                 others=lambda: self.reloader.others)
         self.handlers: dict[str, Callable[[Request], tuple[str, str] | None]] = {
             "RELOAD": self.do_reload,
             "WORKERS_STATUS": self.commands.workers_status,
@@ -91,6 +100,7 @@ class Control:
         log.info("starting")
         self.live.start()
         self.reloader.start()
+        self.hostkeeper.start()
         try:
             while not self.flags.stop:
                 self._cycle()
@@ -100,7 +110,11 @@ class Control:
 
     def _cycle(self) -> None:
         if self.conn is None and not self._connect():
-            self.wakeup.wait(self.backoff.next_delay())
+            delay = self.backoff.next_delay()
+            if self.exclusive.leader is not None:
+                # following: ready to lead within a heartbeat of the leader's loss
+                delay = min(delay, float(self.cfg.fleet.heartbeat))
+            self.wakeup.wait(delay)
             return
         if self.flags.reload:
             self.flags.reload = False
@@ -122,7 +136,6 @@ class Control:
         self._send_reload_answers()
         if not ready and time.monotonic() - self.last_check >= HEALTH_CHECK:
             self.conn.execute("SELECT 1")
-            self.exclusive.refresh()
             self.last_check = time.monotonic()
         self._drain()
 
@@ -169,6 +182,7 @@ class Control:
             log.error("not listening on %s: %s", protocol.CHANNEL, logs.one_line(exc))
             return False
         self.conn = conn
+        self.backend_pid = conn.info.backend_pid
         self.backoff.reset()
         self.last_check = time.monotonic()
         if self.lost_at is not None:
@@ -184,6 +198,7 @@ class Control:
     def _lost(self, exc: Exception) -> None:
         log.error("repository connection lost: %s", logs.one_line(exc))
         self.lost_at = time.monotonic()
+        self.backend_pid = None
         if self.conn is not None:
             try:
                 self.conn.close()
@@ -193,9 +208,10 @@ class Control:
 
     def shutdown(self) -> None:
         daemon.teardown(log, [
+            # leaving first: the other hosts take this one's servers at once
+            ("hosts", self.hostkeeper.close),
             ("reload", lambda: self.reloader.close(STOP_GRACE)),
             ("repository", lambda: self.conn.close() if self.conn else None),
-            ("redis claim", self.exclusive.release),
             ("board", self.board.close),
             ("live board", self.live.close),
             ("redis", self.redis.close),
@@ -247,8 +263,17 @@ class Control:
         return self.conn is None or self.conn.closed or self.conn.broken
 
     def do_reload(self, request: Request) -> None:
-        """Queued for the reload thread; a burst of RELOADs is served by one reload."""
+        """Queued for the reload thread; a burst of RELOADs is served by one reload.
+
+        The other hosts of the fleet reload too (collector.control.hostkeeper).
+        """
         self.reloader.request(request.channel if request.answers else None)
+        self.hostkeeper.bump()
+
+    def leader_facts(self) -> dict[str, Any]:
+        """What this host's heartbeat says of its control (read by the host keeper)."""
+        pid = self.backend_pid
+        return {"leader": pid is not None, "backend_pid": pid}
 
     def dispatch(self, request: Request) -> tuple[str, str] | None:
         handler = self.handlers.get(request.command)

@@ -19,14 +19,15 @@ are written then); 1 the fleet files could not be written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import psycopg
 
-from collector import config, daemon, logs, repository
+from collector import config, daemon, hosts, logs, repository
 from collector.errors import EXIT_OK, FleetError, RepositoryUnavailable, SupervisorError
 from collector.fleet import files
 from collector.fleet.supervisord import Supervisor
-from collector.keys import program_name
+from collector.keys import client, program_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +61,17 @@ def collected_servers(cfg: config.Config) -> list[int]:
         raise RepositoryUnavailable(f"cannot read powa_servers: {logs.one_line(exc)}") from None
 
 
+def share(cfg: config.Config, servers: list[int]) -> list[int]:
+    """The servers this host collects among the live hosts of the fleet (collector.hosts)."""
+    with contextlib.closing(client(cfg.redis.url)) as connection:
+        view, source = hosts.current_view(cfg, connection)
+    mine = hosts.owned(servers, view, cfg.fleet.host)
+    if len(view) > 1 or not source.startswith("Redis"):
+        print(f"host {cfg.fleet.host}: {len(mine)} of {len(servers)} servers"
+              f" (live hosts: {', '.join(view)}; from {source})")
+    return mine
+
+
 def apply(cfg: config.Config, required: bool) -> int:
     """Apply the files to supervisord; when not ``required``, a stopped supervisord is fine."""
     if not required and not cfg.supervisor_socket.exists():
@@ -88,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         state = "enabled" if args.enable is not None else "disabled"
         print(f"{program_name(toggle)}: {state}{'' if changed else ' already'}")
         return apply(cfg, required=args.apply)
-    report = files.generate(cfg, collected_servers(cfg))
+    report = files.generate(cfg, share(cfg, collected_servers(cfg)))
     for line in report.lines():
         print(line)
     return apply(cfg, required=True) if args.apply else EXIT_OK

@@ -10,6 +10,7 @@ error is logged once while it stays the same.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import psycopg
@@ -22,6 +23,10 @@ from collector.worker.link import RemoteLink
 from collector.worker.reporter import Reporter
 
 log = logging.getLogger("collector.worker")
+
+
+#: a worker whose server's lease is held elsewhere looks again this often (seconds) at most
+LEASE_RETRY = 15.0
 
 
 class Failures:
@@ -66,6 +71,23 @@ class Failures:
         if self.state.repository_down:
             self.state.repository_down = False
             self.publish()
+
+    def held_by(self, host: str | None, reason: str = "") -> None:
+        """Another host holds the server's lease (None: this worker stored a snapshot).
+
+        Not an error of the server: the status says which host collects it, and the
+        next attempt comes soon (a handover ends as soon as the other host lets go).
+        """
+        if host == self.state.held_by:
+            return
+        self.state.held_by = host
+        if host is not None:
+            log.warning("not collecting: %s", reason)
+            if self.reporter.schedule is not None:
+                self.reporter.schedule.retry(time.monotonic(), LEASE_RETRY)
+        else:
+            log.info("collecting: this host holds the lease")
+        self.publish()
 
     def snapshot(self, exc: Exception, repository_lost: bool) -> None:
         """A snapshot that ended in an error, rolled back whole."""

@@ -86,7 +86,7 @@ class Worker:
         self.rng = rng or random.Random()
         self.wakeup = Wakeup()
         self.flags = SignalFlags(self.wakeup)
-        self.state = ServerState(srvid)
+        self.state = ServerState(srvid, host=cfg.fleet.host)
         self.gate = ForceGate()
         #: REFRESH_DB_CAT requests waiting for the next snapshot
         self.catalog_refresh = CatalogRefresh()
@@ -249,14 +249,14 @@ class Worker:
         self.publish()
         result = None
         try:
-            result = self._attempt()
+            result = self._attempt(forced)
         finally:
             self.gate.end()
             self.watchdog.disarm()
             self.reporter.snapshot(result, self.current_status())
         return result
 
-    def _attempt(self) -> SnapshotResult | None:
+    def _attempt(self, forced: bool) -> SnapshotResult | None:
         assert self.state.server is not None and self.link.session is not None
         # the loop just tried and is backing off: do not try twice in one cycle
         ready = self.link.connected or (self.link.due(time.monotonic())
@@ -268,7 +268,7 @@ class Worker:
             self.failures.report(f"Error connecting to remote server {self.srvid}: "
                                  f"{self.state.last_error}")
             return None
-        return self.taker.take(self.state.server.frequency)
+        return self.taker.take(self.state.server.frequency, forced)
 
     # ------------------------------------------------------------------ commands, status
     def current_status(self) -> str:
@@ -278,6 +278,8 @@ class Worker:
             return STATUS_NO_REPOSITORY
         if not self.link.connected:
             return STATUS_NO_REMOTE if self.state.server is not None else STATUS_NO_REPOSITORY
+        if self.state.held_by is not None:
+            return f"standby: collected by host {self.state.held_by}"
         return STATUS_RUNNING
 
     def publish(self) -> None:
@@ -299,7 +301,9 @@ def run_once(worker: Worker) -> int:
     worker.watchdog.start()
     result = worker.snapshot(forced=True)
     if result is None or result.outcome == "failed":
-        print(f"{name}: {worker.state.last_error or 'snapshot failed'}", file=sys.stderr)
+        reason = (f"collected by host {worker.state.held_by} (it holds the lease)"
+                  if worker.state.held_by else worker.state.last_error or "snapshot failed")
+        print(f"{name}: {reason}", file=sys.stderr)
         return EXIT_FAILURE
     print(f"{name}: snapshot stored in {result.duration:.3f}s, "
           f"{sum(result.rows.values())} rows, {result.error_count} error(s)")

@@ -67,6 +67,10 @@ class Schedule:
                 "snapshot overran its period of %ss: %d slot(s) skipped", self.frequency, missed
             )
 
+    def retry(self, now_mono: float, delay: float) -> None:
+        """Try again within ``delay`` seconds (at most a quarter of the period)."""
+        self.next_due = min(self.next_due, now_mono + min(delay, self.frequency / 4))
+
     def change_frequency(self, frequency: float, now_mono: float) -> None:
         """Adopt a new frequency at once, counting from the last snapshot."""
         if frequency == self.frequency:

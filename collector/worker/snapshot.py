@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -175,8 +176,11 @@ class Snapshot:
         guard: Guard | None = None,
         clear_stale: bool = False,
         refresh: CatalogRefresh | None = None,
+        lease: Callable[[Conn, PowaExtension], None] | None = None,
     ) -> None:
         self.repo = repo
+        #: is this server ours to collect (collector.worker.lease), asked under the row lock
+        self.lease = lease
         self.remote = remote
         self.srvid = srvid
         self.budget = budget
@@ -195,6 +199,12 @@ class Snapshot:
         started = time.perf_counter()
         powa = require_powa(self.repo)
         _lock_server(self.repo, powa, self.srvid)
+        if self.lease is not None:
+            try:
+                self.lease(self.repo, powa)
+            except SnapshotAborted:
+                self.repo.rollback()
+                raise
         refresh = self.refresh.take()
         try:
             self._run(powa, refresh, started)

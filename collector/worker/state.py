@@ -22,8 +22,11 @@ from collector.worker.snapshot import SnapshotResult
 
 
 class ServerState:
-    def __init__(self, srvid: int, wall: Callable[[], float] = time.time) -> None:
+    def __init__(self, srvid: int, wall: Callable[[], float] = time.time,
+                 host: str | None = None) -> None:
         self.srvid = srvid
+        #: the collector host's name ([fleet] host), in every status document
+        self.host = host or socket.gethostname()
         self.wall = wall
         self.server: Server | None = None
         self.started_at = wall()
@@ -34,6 +37,8 @@ class ServerState:
         self.snapshots_failed = 0
         self.consecutive_failures = 0
         self.repository_down = False
+        #: the host holding this server's lease while it is not this one (collector.hosts)
+        self.held_by: str | None = None
 
     @property
     def alias(self) -> str | None:
@@ -69,7 +74,7 @@ class ServerState:
             "srvid": self.srvid,
             "alias": self.alias,
             "status": status,
-            "host": socket.gethostname(),
+            "host": self.host,
             "time": iso(self.wall()),
             "snapshots_ok": self.snapshots_ok,
             "snapshots_failed": self.snapshots_failed,
@@ -88,7 +93,7 @@ class ServerState:
             "alias": self.alias,
             "status": status,
             "pid": os.getpid(),
-            "host": socket.gethostname(),
+            "host": self.host,
             "version": __version__,
             "frequency": self.server.frequency if self.server else None,
             "snapshot_in_progress": gate.in_progress,

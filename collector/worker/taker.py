@@ -6,6 +6,7 @@ What fails is handed to ``Failures`` (status, retries, powa-web's errors);
 
 from __future__ import annotations
 
+import logging
 import time
 
 import psycopg
@@ -14,15 +15,20 @@ from collector import pg, repository
 from collector.config import Config
 from collector.errors import (
     ConcurrentSnapshotError,
+    LeaseHeldError,
     RemoteUnavailable,
     RepositoryUnavailable,
     SnapshotAborted,
+    SnapshotTooSoon,
 )
 from collector.worker.databases import CatalogRefresh
 from collector.worker.failures import Failures
+from collector.worker.lease import LeaseCheck
 from collector.worker.link import RemoteLink
 from collector.worker.snapshot import Snapshot, SnapshotResult
 from collector.worker.watchdog import Watchdog
+
+log = logging.getLogger("collector.worker")
 
 #: the repository part of a snapshot gets this long (or ten periods) before it is cancelled:
 #: a big aggregation may take long, a repository that never answers must not stall a worker
@@ -45,18 +51,27 @@ class Taker:
         self.failures = failures
         self.state = failures.state
 
-    def take(self, frequency: int) -> SnapshotResult | None:
+    def take(self, frequency: int, forced: bool = False) -> SnapshotResult | None:
         try:
-            return self._store(frequency)
+            result = self._store(frequency, forced)
+        except LeaseHeldError as exc:
+            self.failures.held_by(exc.holder, str(exc))
+            return None
+        except SnapshotTooSoon as exc:
+            log.info("snapshot skipped: %s", exc)
+            return None
         except RemoteUnavailable as exc:
             self.failures.remote(f"snapshot failed, remote server lost: {exc}", report=True)
         except RepositoryUnavailable as exc:
             self.failures.repository(f"snapshot failed: {exc}")
         except (SnapshotAborted, ConcurrentSnapshotError) as exc:
             self.failures.snapshot(exc, repository_lost=False)
+        else:
+            self.failures.held_by(None)
+            return result
         return None
 
-    def _store(self, frequency: int) -> SnapshotResult | None:
+    def _store(self, frequency: int, forced: bool) -> SnapshotResult | None:
         assert self.link.session is not None
         srvid = self.state.srvid
         self.watchdog.arm(self.link.session, time.monotonic() + repository_budget(frequency))
@@ -69,7 +84,8 @@ class Taker:
             repo.commit()
             snapshot = Snapshot(repo, self.link.session, srvid, budget=frequency,
                                 guard=self.watchdog, clear_stale=self.state.snapshots_ok == 0,
-                                refresh=self.refresh)
+                                refresh=self.refresh,
+                                lease=LeaseCheck(self.cfg.fleet.host, srvid, frequency, forced))
             try:
                 result = snapshot.run()
             except psycopg.Error as exc:
