@@ -15,12 +15,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import simplejson as json
 
 from collector.logs import REDACTOR
-from collector.syncredis import redis
+
+if TYPE_CHECKING:
+    from collector.syncredis import redis
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,9 @@ def alive_key(prefix: str) -> str:
 
 def client(url: str, socket_timeout: float = 2.0) -> redis.Redis:
     """A Redis client that fails fast instead of hanging when Redis is away."""
+    # imported on first use: a --once worker never talks to Redis, and saves the time
+    from collector.syncredis import redis  # noqa: PLC0415
+
     return redis.Redis.from_url(
         url,
         socket_connect_timeout=1.0,

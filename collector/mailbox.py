@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import simplejson as json
 
@@ -39,7 +40,9 @@ from collector.backoff import Backoff
 from collector.errors import ProtocolError
 from collector.keys import client, commands_key, program_name, reply_key
 from collector.logs import Outage, one_line
-from collector.syncredis import redis
+
+if TYPE_CHECKING:
+    from collector.syncredis import redis
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,8 @@ def ask(connection: redis.Redis, prefix: str, srvid: int, command: str,
     ProtocolError, with a reason for the requester, when Redis or the worker
     does not answer in time.
     """
+    from collector.syncredis import redis  # noqa: PLC0415 - see keys.client
+
     reply_to = reply_key(prefix, secrets.token_hex(8))
     message: dict[str, object] = {"command": command, "reply_to": reply_to}
     if args:
@@ -154,6 +159,8 @@ class Listener(threading.Thread):
 
     def _call(self, operation: Callable[[], object]) -> object:
         """Run a Redis call; False when Redis failed (logged once per outage)."""
+        from collector.syncredis import redis  # noqa: PLC0415 - see keys.client
+
         try:
             result = operation()
         except redis.RedisError as exc:

@@ -28,7 +28,6 @@ from collector.keys import (
     status_key,
 )
 from collector.logs import Outage
-from collector.syncredis import redis
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +95,8 @@ class StatusPublisher(threading.Thread):
             delay = 0.0 if self._write() else self._backoff.next_delay()
 
     def _write(self) -> bool:
+        from collector.syncredis import redis  # noqa: PLC0415 - see keys.client
+
         with self._lock:
             document = self._document
         if document is None:
@@ -146,6 +147,8 @@ class StatusPublisher(threading.Thread):
             # bounded by the client's connect and socket timeouts
             self.update(final)
             self._write()
+        from collector.syncredis import redis  # noqa: PLC0415 - see keys.client
+
         # the next worker of this server (a restart) publishes at once
         with contextlib.suppress(redis.RedisError):
             self._release(keys=[self.owner_key], args=[str(self.pid)])
