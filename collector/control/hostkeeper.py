@@ -53,7 +53,7 @@ class HostKeeper(threading.Thread):
         self._pending: list[str] | None = None
         self._generation: int | None = None
         self._refused: str | None = None
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
         self._wake = threading.Event()
         self._bump = False
         self._outage = logs.Outage(log, "cannot see the other collector hosts in Redis")
@@ -61,7 +61,7 @@ class HostKeeper(threading.Thread):
         self.beaten = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             self._wake.clear()
             try:
                 if self._bump:
@@ -134,7 +134,7 @@ class HostKeeper(threading.Thread):
             log.warning("RELOAD reaches this host only: %s", logs.one_line(exc))
 
     def close(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         self._wake.set()
         if self.is_alive():
             self.join(5)

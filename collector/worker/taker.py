@@ -58,7 +58,9 @@ class Taker:
             self.failures.held_by(exc.holder, str(exc))
             return None
         except SnapshotTooSoon as exc:
+            # the lease was free (checked first): this host collects from now on
             log.info("snapshot skipped: %s", exc)
+            self.failures.held_by(None)
             return None
         except RemoteUnavailable as exc:
             self.failures.remote(f"snapshot failed, remote server lost: {exc}", report=True)
