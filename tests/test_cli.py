@@ -31,13 +31,22 @@ def test_status_and_notify(fleet: Fleet, repo: Repo, supervisord: Supervisord) -
     wait_for(lambda: all(repo.snapshots(s) >= 1 for s in repo.srvids), 20, "snapshots")
     wait_for(lambda: cli(fleet, "status").returncode == 0, 10, "every worker running")
     table = cli(fleet, "status").stdout.splitlines()
-    assert table[0].split()[:4] == ["id", "alias", "program", "status"]
+    assert table[0].split()[:5] == ["id", "alias", "host", "program", "status"]
     assert len(table) == 4
     assert all("RUNNING" in line and "running" in line for line in table[1:])
     assert "remote 1" in table[1]
     rows = json.loads(cli(fleet, "status", "--json").stdout)
     assert [r["id"] for r in rows] == [1, 2, 3]
     assert all(r["outcome"] == "ok" for r in rows)
+    name = config.load(fleet.cfg_path).fleet.host
+    assert {r["host"] for r in rows} == {name}
+
+    # the fleet's hosts: this one alone, leading, collecting the three servers
+    wait_for(lambda: cli(fleet, "hosts").returncode == 0, 20, "this host live")
+    (host,) = json.loads(cli(fleet, "hosts", "--json").stdout)
+    assert (host["host"], host["leader"], host["share"]) == (name, True, 3)
+    assert host["directory"] == str(fleet.directory)
+    assert 0 <= host["heartbeat"] < 15
 
     answer = cli(fleet, "notify", "WORKERS_STATUS")
     assert answer.returncode == 0
@@ -90,7 +99,7 @@ def test_cli_without_supervisord_says_it_cannot_tell(fleet: Fleet, repo: Repo) -
     # no worker ever published: aliases and the last snapshot come from the repository
     assert "remote 1" in lines[1]
     assert snapts.astimezone().strftime("%Y-%m-%d %H:%M:%S") in lines[1]
-    assert lines[2].split()[:4] == ["2", "remote", "2", "disabled"]
+    assert lines[2].split()[:5] == ["2", "remote", "2", "-", "disabled"]
 
 
 def view(status: str, document: dict[str, object] | None = None, srvid: int = 1) -> WorkerView:

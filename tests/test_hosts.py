@@ -146,6 +146,20 @@ def workers_status(repo: Repo) -> tuple[int, dict[str, str]]:
     return len(answers), (json.loads(answers[0].data) if answers else {})
 
 
+def wait_all_running(repo: Repo, timeout: float = 60) -> None:
+    """Every server listed by the leader's WORKERS_STATUS, and running."""
+    seen: list[dict[str, str]] = [{}]
+
+    def all_running() -> bool:
+        seen[0] = workers_status(repo)[1]
+        return set(seen[0].values()) == {"running"} and len(seen[0]) == SERVERS
+
+    try:
+        wait_for(all_running, timeout, "all running")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {seen[0]}") from None
+
+
 def test_three_hosts_share_the_servers_and_take_over_a_lost_one(
     tmp_path: Path, fleet: Fleet, repo: Repo, shared: list[int]
 ) -> None:
@@ -160,10 +174,17 @@ def test_three_hosts_share_the_servers_and_take_over_a_lost_one(
         for name in NAMES:
             assert 2 <= len(programs(fleets[name])) <= 7
         # one leader answers, for every server of every host
-        wait_for(lambda: set(workers_status(repo)[1].values()) == {"running"}
-                 and len(workers_status(repo)[1]) == SERVERS, 60, "all running")
+        wait_all_running(repo)
         count, statuses = workers_status(repo)
         assert count == 1
+        # the operator's view: three live hosts, one leader, shares adding up
+        view = fleets["alpha"].run("-m", "collector", "hosts", "--json", "-c",
+                                   str(fleets["alpha"].cfg_path))
+        assert view.returncode == 0, view.stderr
+        lines = json.loads(view.stdout)
+        assert [line["host"] for line in lines] == list(NAMES)
+        assert sum(line["leader"] for line in lines) == 1
+        assert sum(line["share"] for line in lines) == SERVERS
         assert {int(s) for s in statuses} == set(shared)
         started = time.time()
         wait_for(lambda: snapshotted_since(repo, shared, started) == set(shared),

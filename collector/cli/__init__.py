@@ -2,7 +2,8 @@
 
 ========  ==============================================================
 generate  powa_servers -> the fleet's supervisord files (create_supervisord_config.py)
-status    one line per server: program, status, last snapshot, current error
+status    one line per server: host, program, status, last snapshot, current error
+hosts     the live collector hosts of the fleet: leader, share, heartbeat
 notify    a protocol request, sent exactly as powa-web does, and its answer
 check     everything a fleet needs, checked before anything starts
 once N    one snapshot of server N now (the worker's ``--once``)
@@ -19,6 +20,7 @@ Exit status, for scripts (collector.errors has the one table):
 ========  ==============================================================
 status    0 every enabled worker is ``running``; 1 some are not;
           5 supervisord or Redis could not be asked
+hosts     0 this host is live; 1 it is not; 5 Redis could not be asked
 notify    0 answer ``OK``; 1 any other answer; 5 no answer in time
 check     0 all is well (warnings allowed); 1 something fails
 once      the worker's: 0 stored, 1 failed, 3 unknown server, 4 not collected
@@ -34,6 +36,7 @@ from collections.abc import Callable
 
 from collector import __version__, config, daemon, logs
 from collector.cli import check, commands, migrate
+from collector.cli.hosts import hosts_view
 from collector.cli.status import status
 from collector.errors import FleetError
 from collector.fleet import generator
@@ -43,6 +46,7 @@ CONFIG_HELP = ("collector.cfg (default: $POWA_FLEET_CONFIG, ./collector.cfg, "
 #: commands that need a loaded configuration
 WITH_CONFIG: dict[str, Callable[[config.Config, argparse.Namespace], int]] = {
     "status": status,
+    "hosts": hosts_view,
     "notify": commands.notify,
     "once": commands.once,
     "ctl": commands.ctl,
@@ -91,6 +95,8 @@ def _ctl(parser: argparse.ArgumentParser) -> None:
 COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...] = (
     ("generate", "write the fleet's supervisord files from powa_servers", generator.add_arguments),
     ("status", "one line per server: program, status, last snapshot, current error", _status),
+    ("hosts", "the live collector hosts of the fleet: leader, share, heartbeat",
+     lambda _: None),
     ("notify", "send a collector protocol request like powa-web", _notify),
     ("check", "check everything the fleet needs, before starting it", lambda _: None),
     ("once", "take one snapshot of one server now", _once),

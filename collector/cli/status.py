@@ -39,7 +39,8 @@ from collector.keys import STATUS_RUNNING
 from collector.logs import one_line
 from collector.syncredis import redis
 
-COLUMNS = ("id", "alias", "program", "status", "last snapshot", "duration", "last error")
+COLUMNS = ("id", "alias", "host", "program", "status", "last snapshot", "duration",
+           "last error")
 #: aliases are free text of powa_servers: a long one must not push the table away
 ALIAS_WIDTH = 32
 #: the status table waits this long at most for the repository
@@ -112,6 +113,7 @@ def row(view: WorkerView, facts: RepositoryFacts) -> dict[str, Any]:
     return {
         "id": view.srvid,
         "alias": document.get("alias") or facts.aliases.get(view.srvid),
+        "host": document.get("host") or "-",
         "program": view.program_state or ("disabled" if not view.enabled else "not loaded"),
         "status": view.status,
         "last snapshot": _short_time(last),
