@@ -38,7 +38,7 @@ from collector.config import Config
 from collector.control.board import StatusBoard, WorkerView
 from collector.control.healer import Healer
 from collector.errors import ConfigError, FleetError
-from collector.fleet import files
+from collector.fleet import bytecode, files
 from collector.fleet.supervisord import ApplyReport, Supervisor
 from collector.keys import (
     CONTROL,
@@ -210,6 +210,8 @@ class Reloader(threading.Thread):
                 view, _ = hosts.current_view(self.cfg, connection)
         self._share_out([s.srvid for s in servers], view)
         generated = files.generate(self.cfg, self.owned)
+        # new workers find their bytecode compiled (collector.fleet.bytecode)
+        bytecode.warm_for(self.cfg, generated)
         if generated.restart_needed:
             log.warning("%s", generated.lines()[-1])
         supervisor = Supervisor(self.cfg.supervisor_socket)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 
 from collector.config import Config
-from collector.fleet.files import WORKER_FLAGS, worker_environment
+from collector.fleet.files import BYTECODE_DIR, WORKER_FLAGS, Report, worker_environment
 
 log = logging.getLogger(__name__)
 
@@ -40,3 +41,9 @@ def warm(cfg: Config, python: str) -> bool:
                     result.stderr.strip().splitlines()[-1:] or result.returncode)
         return False
     return True
+
+
+def warm_for(cfg: Config, report: Report, python: str = sys.executable) -> None:
+    """Warm the cache before new workers start (or when it is missing); cheap when full."""
+    if report.added or not (cfg.directory / BYTECODE_DIR).is_dir():
+        warm(cfg, python)

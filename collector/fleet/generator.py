@@ -25,7 +25,7 @@ import psycopg
 
 from collector import config, daemon, hosts, logs, repository
 from collector.errors import EXIT_OK, FleetError, RepositoryUnavailable, SupervisorError
-from collector.fleet import files
+from collector.fleet import bytecode, files
 from collector.fleet.supervisord import Supervisor
 from collector.keys import client, program_name
 
@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     report = files.generate(cfg, share(cfg, collected_servers(cfg)))
     for line in report.lines():
         print(line)
+    bytecode.warm_for(cfg, report)
     return apply(cfg, required=True) if args.apply else EXIT_OK
 
 
