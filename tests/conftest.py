@@ -142,10 +142,11 @@ class Supervisord:
         sandbox.terminate(self.process, 90)
 
 
-def start_supervisord(fleet: Fleet) -> Supervisord:
+def start_supervisord(fleet: Fleet, wrapper: tuple[str, ...] = ()) -> Supervisord:
+    """supervisord of ``fleet``, run through ``wrapper`` (``ip netns exec NS``) if given."""
     log = (fleet.directory / "supervisord.out").open("ab")
     process = subprocess.Popen(
-        [str(Path(PYTHON).parent / "supervisord"), "-n", "-c",
+        [*wrapper, str(Path(PYTHON).parent / "supervisord"), "-n", "-c",
          str(fleet.directory / "supervisord.conf")],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         # as the demo and the systemd unit do: supervisord -n keeps its caller's umask

@@ -328,23 +328,34 @@ def create_workload(remote: Cluster, statements: int = 200) -> None:
 
 
 class RedisServer:
-    """A redis-server on a free loopback port, no persistence."""
+    """A redis-server on a free port of ``host``, no persistence.
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+    With ``password``, clients must AUTH (an off-loopback Redis must ask for one);
+    it reaches the server on its standard input, never on its command line.
+    """
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1",
+                 password: str | None = None) -> None:
         self.host = host
         self.port = port or free_port(host)
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", self.host, "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL,
+            [REDIS_SERVER, *(["-"] if self.password else []), "--port", str(self.port),
+             "--bind", self.host, "--save", "", "--appendonly", "no", "--daemonize", "no",
+             "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stdin=subprocess.PIPE if self.password else None,
         )
+        if self.password and self.process.stdin is not None:
+            self.process.stdin.write(f"requirepass {self.password}\n".encode())
+            self.process.stdin.close()
         wait_for_port(self.host, self.port)
 
     def stop(self) -> None:
