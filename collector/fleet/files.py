@@ -253,8 +253,9 @@ def render_supervisord(cfg: Config, python: str, workers: int) -> str:
         "command = " + _command(python, "-m", "collector.fleet.programs", "-c", str(cfg.path)),
         f"directory = {_value(str(d))}",
         "events = PROCESS_STATE,PROCESS_GROUP,TICK_5",
-        # every program's start and stop is an event: room for a whole fleet's
-        f"buffer_size = {_round_up(4 * (workers + 10), 256)}",
+        # every program's start and stop is an event: room for a whole fleet's, in
+        # steps of 8192 (a change restarts the listener: not at every RELOAD)
+        f"buffer_size = {_round_up(4 * (workers + 10), 8192)}",
         "autostart = true",
         # a bad configuration (exit 2) is not retried in a loop
         "autorestart = unexpected",
