@@ -114,6 +114,11 @@ class LeaseHeldError(SnapshotAborted):
 class SnapshotTooSoon(SnapshotAborted):
     """The server's last snapshot, by whoever took it, is younger than half its period."""
 
+    def __init__(self, message: str, age: float) -> None:
+        super().__init__(message)
+        #: seconds since that snapshot, by the repository's clock
+        self.age = age
+
 
 class ProtocolError(FleetError):
     """A NOTIFY request that cannot be served; the message is the answer's data."""

@@ -89,6 +89,13 @@ class Failures:
             log.info("collecting: this host holds the lease")
         self.publish()
 
+    def follow_cadence(self, age: float) -> None:
+        """Another collector snapshotted ``age`` seconds ago: the next one is a period after
+        it (not after this attempt), so a handover neither doubles nor stretches a period."""
+        schedule = self.reporter.schedule
+        if schedule is not None:
+            schedule.next_due = time.monotonic() + max(1.0, schedule.frequency - age)
+
     def snapshot(self, exc: Exception, repository_lost: bool) -> None:
         """A snapshot that ended in an error, rolled back whole."""
         reason = logs.one_line(exc)

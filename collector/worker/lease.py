@@ -55,4 +55,5 @@ class LeaseCheck:
         if age is not None and age[0] is not None and float(age[0]) < self.frequency / 2:
             raise SnapshotTooSoon(
                 f"the last snapshot of server {self.srvid} is {float(age[0]):.0f}s old, less than"
-                f" half its period of {self.frequency:.0f}s: another collector took it")
+                f" half its period of {self.frequency:.0f}s: another collector took it",
+                float(age[0]))

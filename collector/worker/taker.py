@@ -61,6 +61,7 @@ class Taker:
             # the lease was free (checked first): this host collects from now on
             log.info("snapshot skipped: %s", exc)
             self.failures.held_by(None)
+            self.failures.follow_cadence(exc.age)
             return None
         except RemoteUnavailable as exc:
             self.failures.remote(f"snapshot failed, remote server lost: {exc}", report=True)
