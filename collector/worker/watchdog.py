@@ -35,11 +35,23 @@ class Watchdog(threading.Thread, Guard):
     stop, the snapshot gets ``grace`` seconds, then both sides are cancelled;
     on a second stop signal, at once.
 
-    It sleeps on a pipe of its own while nothing runs: the signal handlers
-    only write to that pipe (no lock is taken in a handler).
+    It sleeps on a pipe of its own until the nearest thing it may have to do:
+    a deadline, the end of a stop's grace, a cancel's ``ABORT_AFTER``.  Whoever
+    sets a deadline earlier than that wakes it through the pipe, and so do
+    the signal handlers (they only write to it: no lock is taken in a handler).
+    A deadline later than its planned wake-up needs no wake-up at all: with
+    nothing to watch it still wakes every ``IDLE_WAKE`` seconds, so the
+    repository's deadline (``REPOSITORY_BUDGET`` away at least) is learnt on
+    the way, and a snapshot costs the thread one or two wake-ups, not one
+    every fraction of a second.
     """
 
     ABORT_AFTER = 5.0
+    IDLE_WAKE = 600.0
+    #: the shortest sleep: a deadline found already past (set while the thread
+    #: looked) is acted on that much later, and an action that keeps failing
+    #: is not retried in a tight loop
+    MIN_SLEEP = 0.05
 
     def __init__(
         self, flags: SignalFlags, grace: float, on_stop: Callable[[], None] = lambda: None
@@ -64,19 +76,24 @@ class Watchdog(threading.Thread, Guard):
         self._repo_deadline = 0.0
         self._repo_cancel: float | None = None
         self._closing = False
+        #: when the thread wakes next by itself (0: it is about to look anyway)
+        self._planned = 0.0
 
     # ---------------------------------------------------------------- the worker's side
     def arm(self, remote: RemoteSession, repo_deadline: float) -> None:
         """A snapshot starts; its repository part must end by ``repo_deadline``."""
+        # nothing is watched yet: remote_begin() and watch_repository() wake the thread
         with self._lock:
             self._remote, self._remote_watched, self._remote_cancel = remote, False, None
             self._repo, self._repo_deadline, self._repo_cancel = None, repo_deadline, None
             self.cancelled_on_stop = False
-        self._wakeup.notify()
 
     def watch_repository(self, conn: psycopg.Connection[Any]) -> None:
         with self._lock:
             self._repo = conn
+            wake = self._sooner(self._repo_deadline)
+        if wake:
+            self._wakeup.notify()
 
     def disarm(self) -> None:
         with self._lock:
@@ -92,6 +109,14 @@ class Watchdog(threading.Thread, Guard):
         with self._lock:
             self._remote_deadline, self._remote_watched = deadline, True
             self._remote_cancel = None
+            wake = self._sooner(deadline)
+        if wake:
+            self._wakeup.notify()
+
+    def _sooner(self, deadline: float) -> bool:
+        """Must the thread wake before it planned to (under the lock)?"""
+        # during a stop the grace, not the deadline, may be what comes first
+        return deadline < self._planned or self.flags.stop
 
     def remote_statement(self) -> None:
         with self._lock:
@@ -107,16 +132,39 @@ class Watchdog(threading.Thread, Guard):
     # ---------------------------------------------------------------- the thread
     def run(self) -> None:
         while not self._closing:
-            with self._lock:
-                busy = self._remote is not None or self._repo is not None
-            # poll while a snapshot runs or a stop is under way; sleep otherwise
-            self._wakeup.wait(0.2 if busy or self.flags.stop else 3600)
             try:
                 self.check(time.monotonic())
             except Exception:
                 # a dead watchdog would leave every later snapshot without deadlines
                 log.exception("watchdog check failed; watching on")
+            with self._lock:
+                now = time.monotonic()
+                # set with the state it is computed from: a later deadline sees it
+                self._planned = self.next_check(now)
+            self._wakeup.wait(max(self.MIN_SLEEP, self._planned - now))
         self._wakeup.close()
+
+    def next_check(self, now: float) -> float:
+        """When check() may next have something to do, as it stands (under the lock)."""
+        flags = self.flags
+        times = [now + self.IDLE_WAKE]
+        if flags.stop and not self._stop_seen:
+            times.append(now)
+        # the same conditions as the actions', so that a wake-up finds one due
+        stop_at = float("inf")
+        if flags.stop:
+            stop_at = now if flags.stop_now else (flags.stop_requested_at or now) + self.grace
+        if self._remote is not None and self._remote_watched:
+            if self._remote_cancel is None:
+                times.append(min(self._remote_deadline, stop_at))
+            elif self._remote_cancel[1] == self._statements:
+                times.append(self._remote_cancel[0] + self.ABORT_AFTER)
+        if self._repo is not None:
+            if self._repo_cancel is None:
+                times.append(min(self._repo_deadline, stop_at))
+            else:
+                times.append(self._repo_cancel + self.ABORT_AFTER)
+        return min(times)
 
     def check(self, now: float) -> None:
         """Act on the running snapshot, each action once."""
