@@ -67,7 +67,10 @@ class StatusPublisher(threading.Thread):
         self._document: dict[str, Any] | None = None
         self._changed = threading.Event()
         self._stopping = threading.Event()
-        self._published: str | None = None
+        #: the document last written, as handed over (no "updated_at")
+        self._published: dict[str, Any] | None = None
+        #: when the key must be written again for its TTL, even unchanged
+        self._heartbeat_at = 0.0
         self._outage = Outage(log, "cannot write status to Redis")
         self._backoff = Backoff(initial=0.5, maximum=self.heartbeat)
         #: set once a document is in Redis; tests and the final write wait on it
@@ -88,24 +91,29 @@ class StatusPublisher(threading.Thread):
     def run(self) -> None:
         delay = 0.0
         while not self._stopping.is_set():
-            self._changed.wait(delay or self.heartbeat)
+            self._changed.wait(delay or max(0.0, self._heartbeat_at - time.monotonic()))
             self._changed.clear()
             if self._stopping.is_set():
                 break
             delay = 0.0 if self._write() else self._backoff.next_delay()
 
-    def _write(self) -> bool:
+    def _write(self, force: bool = False) -> bool:
+        """Write the latest document if it changed or a heartbeat is due; False if Redis failed."""
         from collector.syncredis import redis  # noqa: PLC0415 - see keys.client
 
+        now = time.monotonic()
         with self._lock:
             document = self._document
         if document is None:
+            self._heartbeat_at = now + self.heartbeat
             return True
-        document = {**document, "updated_at": iso(time.time())}
-        # what changed, other than the heartbeat itself, is published
-        comparable = dumps({k: v for k, v in document.items() if k != "updated_at"})
-        text = dumps(document)
-        if comparable != self._published:
+        # the documents compared as they are handed over, without "updated_at"
+        changed = document != self._published
+        if not changed and not force and now < self._heartbeat_at:
+            # only the heartbeat time would change, and the key's TTL does not need it yet
+            return True
+        text = dumps({**document, "updated_at": iso(time.time())})
+        if changed:
             channel, message = self.channel, text
         else:
             # nothing changed: followers only learn the worker is alive
@@ -118,6 +126,8 @@ class StatusPublisher(threading.Thread):
         except redis.RedisError as exc:
             self._outage.failed(exc)
             return False
+        # another worker's key is looked at again at the next heartbeat, as before
+        self._heartbeat_at = now + self.heartbeat
         if owner is not None:
             self._not_owner(owner)
             return True
@@ -126,7 +136,7 @@ class StatusPublisher(threading.Thread):
             log.info("publishing the status of server %d again", self.srvid)
             self._other = None
         self._backoff.reset()
-        self._published = comparable
+        self._published = document
         self.written.set()
         return True
 
@@ -146,7 +156,7 @@ class StatusPublisher(threading.Thread):
         if final is not None:
             # bounded by the client's connect and socket timeouts
             self.update(final)
-            self._write()
+            self._write(force=True)
         from collector.syncredis import redis  # noqa: PLC0415 - see keys.client
 
         # the next worker of this server (a restart) publishes at once
