@@ -39,11 +39,13 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from collector.config import Config
 from collector.keys import loads
-from collector.syncredis import redis
+
+if TYPE_CHECKING:
+    from collector.syncredis import redis
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +200,8 @@ def current_view(cfg: Config, connection: redis.Redis) -> tuple[list[str], str]:
     This host counts as live (it is about to collect); without Redis, the view
     the control last applied is kept, else this host alone.
     """
+    from collector.syncredis import redis  # noqa: PLC0415 - the worker imports this module
+
     me = cfg.fleet.host
     try:
         hosts = set(Membership(cfg, connection).live()) | {me}

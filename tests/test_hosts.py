@@ -18,6 +18,7 @@ test sets down.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import shutil
@@ -304,7 +305,7 @@ def test_three_hosts_share_the_servers_and_take_over_a_lost_one(
 
         for srvid in srvids:
             # a worker's command listener is back within its 10 s backoff after Redis was
-            wait_for(lambda srvid=srvid: forced(srvid), 15, f"server {srvid} forced")
+            wait_for(functools.partial(forced, srvid), 15, f"server {srvid} forced")
 
 
 # ---------------------------------------------------------------- a host on its own network

@@ -19,6 +19,7 @@ from typing import Any
 
 from collector.backoff import Backoff
 from collector.keys import (
+    STATUS_RUNNING,
     client,
     dumps,
     heartbeat_channel,
@@ -31,12 +32,18 @@ from collector.logs import Outage
 
 log = logging.getLogger(__name__)
 
-#: the status key, the channel message and the owner's pid, in one step; a key
-#: owned by another live worker of the same server is left alone (its pid returned)
+#: the status key, the channel message and the owner ("host/pid"), in one step.  A key
+#: owned by another worker of the same server is left alone (its owner returned),
+#: unless that worker runs on another host and this one collects the server
+#: (ARGV[5] = this host, ARGV[6] = '1'): the lease, in the repository, said it is
+#: this host's turn, and a host that died must not hold the status for a whole TTL
 _PUBLISH = """
 local owner = redis.call('GET', KEYS[2])
 if owner and owner ~= ARGV[1] then
-    return owner
+    local host = string.match(owner, '^(.*)/[0-9]+$')
+    if ARGV[6] ~= '1' or host == nil or host == ARGV[5] then
+        return owner
+    end
 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
@@ -54,7 +61,8 @@ return 0
 class StatusPublisher(threading.Thread):
     """Keeps the latest status document of a worker in Redis."""
 
-    def __init__(self, url: str, prefix: str, srvid: int, ttl: int) -> None:
+    def __init__(self, url: str, prefix: str, srvid: int, ttl: int,
+                 host: str = "") -> None:
         super().__init__(name=f"status-{srvid}", daemon=True)
         self.redis = client(url)
         self.key = status_key(prefix, srvid)
@@ -76,6 +84,9 @@ class StatusPublisher(threading.Thread):
         #: set once a document is in Redis; tests and the final write wait on it
         self.written = threading.Event()
         self.pid = os.getpid()
+        #: this collector host ([fleet] host): statuses of a server move with its lease
+        self.host = host
+        self.owner = f"{host}/{self.pid}"
         self.owner_key = owner_key(prefix, srvid)
         self._publish = self.redis.register_script(_PUBLISH)
         self._release = self.redis.register_script(_RELEASE)
@@ -121,7 +132,8 @@ class StatusPublisher(threading.Thread):
         try:
             owner = self._publish(
                 keys=[self.key, self.owner_key, channel],
-                args=[str(self.pid), text, self.ttl, message],
+                args=[self.owner, text, self.ttl, message, self.host,
+                      "1" if document.get("status") == STATUS_RUNNING else "0"],
             )
         except redis.RedisError as exc:
             self._outage.failed(exc)
@@ -142,10 +154,10 @@ class StatusPublisher(threading.Thread):
 
     def _not_owner(self, owner: bytes) -> None:
         if owner != self._other:
-            log.warning("another worker of server %d (pid %s) publishes its status: this one"
-                        " (pid %d) does not (the repository lets one snapshot of a server run"
+            log.warning("another worker of server %d (%s, host/pid) publishes its status: this"
+                        " one (%s) does not (the repository lets one snapshot of a server run"
                         " at a time, whoever takes it)", self.srvid,
-                        owner.decode(errors="replace"), self.pid)
+                        owner.decode(errors="replace"), self.owner)
             self._other = owner
 
     def close(self, final: dict[str, Any] | None = None, timeout: float = 2.0) -> None:
@@ -161,7 +173,7 @@ class StatusPublisher(threading.Thread):
 
         # the next worker of this server (a restart) publishes at once
         with contextlib.suppress(redis.RedisError):
-            self._release(keys=[self.owner_key], args=[str(self.pid)])
+            self._release(keys=[self.owner_key], args=[self.owner])
         self.redis.close()
 
 

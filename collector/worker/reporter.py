@@ -35,7 +35,7 @@ class Reporter:
     def start(self, cfg: Config) -> None:
         """Publish from now on (a ``--once`` run never does: a running worker owns the key)."""
         self.publisher = StatusPublisher(cfg.redis.url, cfg.redis.prefix, self.state.srvid,
-                                         cfg.redis.status_ttl)
+                                         cfg.redis.status_ttl, host=cfg.fleet.host)
         self.publisher.start()
 
     def document(self, status: str) -> dict[str, Any]:

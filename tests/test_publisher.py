@@ -1,0 +1,63 @@
+"""The status key of a server: one publisher at a time, handed over with the server's lease."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import simplejson as json
+
+from collector.demo import sandbox
+from collector.keys import client, owner_key, status_key
+from collector.worker.publisher import StatusPublisher
+
+SRVID = 7
+
+
+def document(status: str, host: str) -> dict[str, Any]:
+    return {"srvid": SRVID, "status": status, "host": host}
+
+
+def stored(url: str, prefix: str) -> dict[str, Any]:
+    with client(url) as connection:
+        raw = connection.get(status_key(prefix, SRVID))
+    assert raw, "no status stored"
+    found: dict[str, Any] = json.loads(raw)
+    return found
+
+
+def publish(publisher: StatusPublisher, status: str) -> None:
+    publisher.update(document(status, publisher.host))
+    assert publisher._write(force=True)
+
+
+def test_a_collecting_host_takes_the_status_over_from_another_host_only(
+    redis_server: sandbox.RedisServer,
+) -> None:
+    url, prefix = redis_server.url, "pub-test"
+    alpha = StatusPublisher(url, prefix, SRVID, ttl=30, host="alpha")
+    beta = StatusPublisher(url, prefix, SRVID, ttl=30, host="beta")
+    try:
+        publish(alpha, "running")
+        assert stored(url, prefix) == {**document("running", "alpha"),
+                                       "updated_at": stored(url, prefix)["updated_at"]}
+        # beta waiting for the lease does not overwrite the collector's status
+        publish(beta, "standby: collected by host alpha")
+        assert stored(url, prefix)["host"] == "alpha"
+        # beta collects (its lease): the status follows, alpha's key is no longer its own
+        publish(beta, "running")
+        assert stored(url, prefix)["host"] == "beta"
+        publish(alpha, "standby: collected by host beta")
+        assert stored(url, prefix)["host"] == "beta"
+        # a second worker on the same host never takes over (one of them is a stray)
+        with client(url) as connection:
+            connection.set(owner_key(prefix, SRVID), "beta/1", ex=30)
+        publish(beta, "no connection to remote server")
+        publish(beta, "running")
+        assert stored(url, prefix)["status"] == "running"
+        assert stored(url, prefix)["host"] == "beta"
+        with client(url) as connection:
+            assert connection.get(owner_key(prefix, SRVID)) == b"beta/1"
+    finally:
+        # their threads never ran: only their connections to close
+        alpha.redis.close()
+        beta.redis.close()
