@@ -7,7 +7,9 @@ from collector.worker import startgate
 
 # the heavy imports wait for a start slot (see collector.worker.startgate)
 ARGV = sys.argv[1:]
-with startgate.held(startgate.wanted(ARGV, os.environ), startgate.server_id(ARGV)):
+GATE = startgate.wanted(ARGV, os.environ)
+startgate.be_nice(GATE)
+with startgate.held(GATE, startgate.server_id(ARGV)):
     from collector.worker.loop import main
 
 sys.exit(main())

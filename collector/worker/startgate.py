@@ -36,6 +36,10 @@ from types import FrameType
 
 #: longest wait for a slot (seconds) before starting anyway
 MAX_WAIT = 60
+#: supervised workers run this much nicer than the control, supervisord and its event
+#: listener: on a saturated host (hundreds starting, a burst of snapshots) those answer
+#: powa-web and keep the fleet's picture; a worker's work can wait a little
+NICE = 10
 ENV_SLOTS = "POWA_FLEET_START_SLOTS"
 
 
@@ -46,6 +50,13 @@ def slots() -> int:
         if wanted > 0:
             return wanted
     return max(1, len(os.sched_getaffinity(0)))
+
+
+def be_nice(directory: Path | None) -> None:
+    """Lower this supervised worker's CPU priority (``directory``: it passes the gate)."""
+    if directory is not None:
+        with contextlib.suppress(OSError):
+            os.nice(NICE)
 
 
 def config_path(argv: Sequence[str]) -> str | None:

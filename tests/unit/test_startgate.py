@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -93,3 +95,17 @@ def test_an_unusable_directory_opens_the_gate(tmp_path: Path) -> None:
         assert not taken
     with startgate.held(None, srvid=1) as taken:
         assert not taken
+
+
+def test_only_a_supervised_worker_is_made_nicer(tmp_path: Path) -> None:
+    code = ("import os, sys; from collector.worker import startgate;"
+            " startgate.be_nice(startgate.wanted(sys.argv[1:], os.environ));"
+            " print(os.nice(0))")
+    argv = [sys.executable, "-c", code, "-c", str(tmp_path / "collector.cfg")]
+    base = os.nice(0)
+    plain = subprocess.run(argv, capture_output=True, text=True, check=True,
+                           env={k: v for k, v in os.environ.items() if k != "SUPERVISOR_ENABLED"})
+    supervised = subprocess.run(argv, capture_output=True, text=True, check=True,
+                                env={**os.environ, "SUPERVISOR_ENABLED": "1"})
+    assert int(plain.stdout) == base
+    assert int(supervised.stdout) == min(19, base + startgate.NICE)
