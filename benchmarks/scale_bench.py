@@ -53,6 +53,7 @@ from collector.demo import sandbox
 from collector.fleet import bytecode, files
 from collector.keys import CONTROL, LISTENER, STATUS_RUNNING, loads, program_name, status_key
 from collector.keys import client as redis_client
+from collector.syncredis import redis
 
 FREQUENCY = 300
 #: the memory a 24 GiB host gives its workers
@@ -130,7 +131,13 @@ class Host:
         self.redis = redis_client(redis_server.url, socket_timeout=10)
 
     def documents(self, srvids: Sequence[int]) -> dict[int, dict[str, Any]]:
-        values = self.redis.mget([status_key(self.prefix, s) for s in srvids]) if srvids else []
+        """Status documents; none when Redis does not answer in time (a sample missed)."""
+        try:
+            values = (self.redis.mget([status_key(self.prefix, s) for s in srvids])
+                      if srvids else [])
+        except redis.RedisError as exc:
+            print(f"note: Redis did not answer a status read: {exc}", file=sys.stderr)
+            return {}
         found = {}
         for srvid, value in zip(srvids, values, strict=True):
             document = loads(value)
