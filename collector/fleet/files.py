@@ -219,9 +219,11 @@ def render_supervisord(cfg: Config, python: str, workers: int) -> str:
         f"directory = {_value(str(d))}",
         "identifier = powa-fleet",
         "umask = 077",
-        # each program costs supervisord a few descriptors (pipes, log file)
-        f"minfds = {_round_up(4 * (workers + 1) + 64)}",
-        f"minprocs = {_round_up(workers + 50, 256)}",
+        # each program costs supervisord a few descriptors (pipes, log file); in big
+        # steps, because supervisord reads them only when it starts: a RELOAD adding a
+        # few hundred servers must not ask for a restart each time
+        f"minfds = {_round_up(4 * (workers + 1) + 64, 4096)}",
+        f"minprocs = {_round_up(workers + 50, 1024)}",
         "",
         "[unix_http_server]",
         f"file = {_value(str(cfg.supervisor_socket))}",
