@@ -34,15 +34,20 @@ class Schedule:
         """First due time after a (re)start.
 
         ``last_snapshot`` is the server's ``snapts`` (epoch seconds).  If it is
-        inside the last period, keep the cadence it implies; if it is unknown
-        or older, start at a random point of the period, so that a fleet that
-        starts together does not snapshot in step.
+        inside the last period, keep the cadence it implies; if it is older,
+        start at a random point of the next half period (a server whose
+        collector was lost gets its next snapshot within two periods of its
+        last); if it is unknown, at a random point of the period, so that a
+        fleet that starts together does not snapshot in step.
         """
         if last_snapshot is not None:
             age = now_wall - last_snapshot
             if age < frequency:
                 # a snapts in the future (clocks apart) counts as "just now"
                 return cls(frequency, now_mono + frequency - max(age, 0.0))
+            # overdue (a host lost, a fleet down for a while): within half a period,
+            # so that the gap stays under two periods, still spread
+            return cls(frequency, now_mono + rng.uniform(0, frequency / 2))
         return cls(frequency, now_mono + rng.uniform(0, frequency))
 
     def due(self, now_mono: float) -> bool:
