@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import simplejson as json
@@ -41,9 +42,14 @@ def test_status_and_notify(fleet: Fleet, repo: Repo, supervisord: Supervisord) -
     name = config.load(fleet.cfg_path).fleet.host
     assert {r["host"] for r in rows} == {name}
 
-    # the fleet's hosts: this one alone, leading, collecting the three servers
-    wait_for(lambda: cli(fleet, "hosts").returncode == 0, 20, "this host live")
-    (host,) = json.loads(cli(fleet, "hosts", "--json").stdout)
+    # the fleet's hosts: this one alone, leading (once its control listens and its
+    # next heartbeat says so), collecting the three servers
+    def leading() -> list[dict[str, Any]] | None:
+        listed = cli(fleet, "hosts", "--json")
+        hosts = json.loads(listed.stdout) if listed.returncode == 0 else []
+        return hosts if hosts and all(h["leader"] for h in hosts) else None
+
+    (host,) = wait_for(leading, 20, "this host live and leading")
     assert (host["host"], host["leader"], host["share"]) == (name, True, 3)
     assert host["directory"] == str(fleet.directory)
     assert 0 <= host["heartbeat"] < 15

@@ -78,7 +78,7 @@ def test_the_installed_command_runs_a_fleet(venv: Path, tmp_path: Path, fleet: F
     assert "worker_1: new, enabled" in generated.stdout
     program = (fleet.directory / "workers_available" / "worker_1.conf").read_text()
     # the fleet runs the installed package, with the virtualenv's python
-    assert f"command = {venv}/bin/python -m collector.worker -c {cfg}" in program
+    assert f"command = {venv}/bin/python -OO -m collector.worker -c {cfg}" in program
 
     # ./collector.cfg of the working directory, then options after the command
     quiet = run(venv, "status", cwd=fleet.directory)
