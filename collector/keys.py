@@ -5,7 +5,7 @@
 * Redis keys and channels under the configured prefix: the status of server N
   at ``<prefix>:worker:N`` (a JSON object with a TTL), its changes on
   ``<prefix>:status``, heartbeats on ``<prefix>:heartbeat``, supervisord's
-  program states at ``<prefix>:programs``, commands at ``<prefix>:commands:N``;
+  program states at ``<prefix>:programs:<host>``, commands at ``<prefix>:commands:N``;
 * the status strings powa-web shows;
 * a Redis client that fails fast, and the JSON codec of status documents.
 """
@@ -72,18 +72,22 @@ def reply_key(prefix: str, token: str) -> str:
     return f"{prefix}:reply:{token}"
 
 
-def programs_key(prefix: str) -> str:
-    """Hash of supervisord's program states, and the channel of their changes."""
-    return f"{prefix}:programs"
+def programs_key(prefix: str, host: str) -> str:
+    """Hash of one host's supervisord program states, and the channel of their changes.
+
+    One per collector host (``[fleet] host``): the hosts sharing a fleet each run
+    their own supervisord, and their program tables must not overwrite each other.
+    """
+    return f"{prefix}:programs:{host}"
 
 
 #: readers consider ``programs_key`` current while ``alive_key`` lives (seconds)
 ALIVE_TTL = 20
 
 
-def alive_key(prefix: str) -> str:
-    """Lives while the event listener keeps ``programs_key`` current."""
-    return f"{prefix}:programs:alive"
+def alive_key(prefix: str, host: str) -> str:
+    """Lives while the host's event listener keeps its ``programs_key`` current."""
+    return f"{prefix}:programs-alive:{host}"
 
 
 def client(url: str, socket_timeout: float = 2.0) -> redis.Redis:

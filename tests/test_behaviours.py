@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from collector import config, repository
+from collector import config, keys, repository
 from collector.demo import sandbox
 from collector.fleet import programs
 from collector.worker import loop, taker
@@ -118,10 +118,12 @@ def test_the_event_listener_writes_what_happened_while_redis_was_away(fleet: Fle
     server.start()
     try:
         fleet.write_config(redis={"url": server.url, "prefix": fleet.prefix})
-        table = programs.Table(config.load(fleet.cfg_path))
+        cfg = config.load(fleet.cfg_path)
+        key = keys.programs_key(fleet.prefix, cfg.fleet.host)
+        table = programs.Table(cfg)
         table.update("worker_1", {"state": "RUNNING", "pid": 11, "since": 1.0})
         client = redis.Redis.from_url(server.url)
-        assert client.hget(f"{fleet.prefix}:programs", "worker_1") is not None
+        assert client.hget(key, "worker_1") is not None
         server.stop()
         table.update("worker_1", {"state": "EXITED", "pid": 0, "since": 2.0})
         table.update("worker_2", {"state": "RUNNING", "pid": 12, "since": 3.0})
@@ -130,12 +132,12 @@ def test_the_event_listener_writes_what_happened_while_redis_was_away(fleet: Fle
         # Redis back, empty (it lost its data): the next tick writes the whole table
         server.start()
         table.tick()
-        stored = client.hgetall(f"{fleet.prefix}:programs")
+        stored = client.hgetall(key)
         assert set(stored) == {b"worker_2"}
         assert b'"pid": 12' in stored[b"worker_2"] or b'"pid":12' in stored[b"worker_2"]
-        assert client.exists(f"{fleet.prefix}:programs:alive")
+        assert client.exists(keys.alive_key(fleet.prefix, cfg.fleet.host))
         # the table goes by itself once its listener is gone
-        assert 0 < client.ttl(f"{fleet.prefix}:programs") <= programs.TABLE_TTL
+        assert 0 < client.ttl(key) <= programs.TABLE_TTL
         assert not table.failing
         client.close()
     finally:

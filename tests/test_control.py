@@ -18,7 +18,7 @@ import simplejson as json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector import __version__, config, hosts
+from collector import __version__, config, hosts, keys
 from collector.cli.client import Answer, Client
 from collector.control.board import StatusBoard
 from collector.control.liveboard import LiveBoard
@@ -252,7 +252,7 @@ def test_live_board_follows_the_fleet_without_polling(
 ) -> None:
     cfg = config.load(fleet.cfg_path)
     with fleet.redis() as client:
-        programs = client.hgetall(f"{fleet.prefix}:programs")
+        programs = client.hgetall(keys.programs_key(fleet.prefix, cfg.fleet.host))
         assert {name.decode() for name in programs} >= {"control", "programs", *WORKERS}
         assert json.loads(programs[b"worker_1"])["state"] == "RUNNING"
     direct = StatusBoard(cfg)

@@ -6,7 +6,7 @@ WORKERS_STATUS for hundreds of servers without asking anyone:
 * ``<prefix>:status``: a worker's status document, on every change;
 * ``<prefix>:heartbeat``: ``"<srvid> <pid>"``, each time a worker refreshes
   its status key without change;
-* ``<prefix>:programs``: supervisord's program states, from the event
+* ``<prefix>:programs:<host>``: supervisord's program states, from the event
   listener (collector.fleet.programs), and its five-second ticks.
 
 The thread subscribes first, then loads the current state (so nothing falls
@@ -63,7 +63,7 @@ class LiveBoard(threading.Thread):
         self.channels = {
             status_channel(prefix): self._on_status,
             heartbeat_channel(prefix): self._on_heartbeat,
-            programs_key(prefix): self._on_program,
+            programs_key(prefix, self.cfg.fleet.host): self._on_program,
         }
         self._lock = threading.Lock()
         self._programs: dict[str, dict[str, Any]] = {}
@@ -160,10 +160,10 @@ class LiveBoard(threading.Thread):
         prefix = self.cfg.redis.prefix
         programs = {
             _text(name): document
-            for name, value in self.redis.hgetall(programs_key(prefix)).items()
+            for name, value in self.redis.hgetall(programs_key(prefix, self.cfg.fleet.host)).items()
             if (document := loads(value)) is not None
         }
-        alive = bool(self.redis.exists(alive_key(prefix)))
+        alive = bool(self.redis.exists(alive_key(prefix, self.cfg.fleet.host)))
         available, _ = self.direct.servers()
         ids = sorted(available)
         raw = self.redis.mget([status_key(prefix, s) for s in ids]) if ids else []

@@ -70,8 +70,8 @@ class Table:
     def __init__(self, cfg: config.Config) -> None:
         self.cfg = cfg
         self.redis = client(cfg.redis.url, socket_timeout=1.0)
-        self.key = programs_key(cfg.redis.prefix)
-        self.alive = alive_key(cfg.redis.prefix)
+        self.key = programs_key(cfg.redis.prefix, cfg.fleet.host)
+        self.alive = alive_key(cfg.redis.prefix, cfg.fleet.host)
         self.states: dict[str, dict[str, Any]] = {}
         self.changed: set[str] = set()
         self.removed: set[str] = set()

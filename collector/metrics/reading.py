@@ -44,14 +44,14 @@ def status_ids(client: redis.Redis, prefix: str) -> list[int]:
     return sorted(found)
 
 
-def read(client: redis.Redis, prefix: str) -> Reading:
+def read(client: redis.Redis, prefix: str, host: str) -> Reading:
     """Everything a scrape shows, read now; RedisError when Redis does not answer."""
     srvids = status_ids(client, prefix)
     with client.pipeline(transaction=False) as pipe:
         for start in range(0, len(srvids), CHUNK):
             pipe.mget([status_key(prefix, s) for s in srvids[start:start + CHUNK]])
-        pipe.hgetall(programs_key(prefix))
-        pipe.exists(alive_key(prefix))
+        pipe.hgetall(programs_key(prefix, host))
+        pipe.exists(alive_key(prefix, host))
         pipe.hgetall(counters.requests_key(prefix))
         pipe.hgetall(counters.answer_seconds_key(prefix))
         pipe.hgetall(counters.reload_seconds_key(prefix))

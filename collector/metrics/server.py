@@ -40,14 +40,16 @@ REDIS_TIMEOUT = 2.0
 class FleetCollector:
     """A prometheus_client collector whose ``collect()`` reads Redis at each scrape."""
 
-    def __init__(self, url: str, prefix: str) -> None:
+    def __init__(self, url: str, prefix: str, host: str) -> None:
         self.redis = client(url, socket_timeout=REDIS_TIMEOUT)
         self.prefix = prefix
+        #: this collector host: its supervisord's programs (collector.keys.programs_key)
+        self.host = host
         self.outage = Outage(log, "cannot read Redis for a scrape")
 
     def collect(self) -> Iterable[Metric]:
         try:
-            reading = read(self.redis, self.prefix)
+            reading = read(self.redis, self.prefix, self.host)
         except (redis.RedisError, OSError) as exc:
             self.outage.failed(exc)
             return list(redis_down())
@@ -60,7 +62,7 @@ class Endpoint:
         self.cfg = cfg
         self.wakeup = Wakeup()
         self.flags = SignalFlags(self.wakeup)
-        self.collector = FleetCollector(cfg.redis.url, cfg.redis.prefix)
+        self.collector = FleetCollector(cfg.redis.url, cfg.redis.prefix, cfg.fleet.host)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
         self.server: WSGIServer | None = None
