@@ -17,17 +17,7 @@ import pytest
 from collector.wakeup import SignalFlags, Wakeup
 from collector.worker.remote import RemoteSession
 from collector.worker.watchdog import Watchdog
-
-
-class FakeRemote:
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def cancel(self) -> None:
-        self.calls.append("cancel")
-
-    def abort(self) -> None:
-        self.calls.append("abort")
+from tests.unit.fakes import FakeRemote
 
 
 @pytest.fixture

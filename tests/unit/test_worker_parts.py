@@ -14,6 +14,7 @@ from collector.worker.schedule import Schedule
 from collector.worker.snapshot import SnapshotResult
 from collector.worker.state import ServerState
 from collector.worker.watchdog import Watchdog
+from tests.unit.fakes import FakeRemote
 
 
 class Clock:
@@ -84,17 +85,6 @@ def test_status_document_tells_the_schedule_in_wall_time() -> None:
     assert document["last_snapshot_start"] == "2023-11-14T22:13:10.000+00:00"
     assert document["next_snapshot_due"] == "2023-11-14T22:14:10.000+00:00"
     assert "password" not in " ".join(document)
-
-
-class FakeRemote:
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def cancel(self) -> None:
-        self.calls.append("cancel")
-
-    def abort(self) -> None:
-        self.calls.append("abort")
 
 
 def armed(dog: Watchdog, remote_deadline: float, repo_deadline: float) -> FakeRemote:
