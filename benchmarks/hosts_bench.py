@@ -28,7 +28,6 @@ import contextlib
 import itertools
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -102,10 +101,7 @@ class Host:
     def kill(self) -> None:
         """supervisord and every process under it, SIGKILL: a machine gone at once."""
         assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-        for pid in descendants(self.process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        sandbox.kill_tree(self.process.pid)
         self.process.wait(10)
         self.process = None
 
@@ -113,21 +109,6 @@ class Host:
         if self.process is not None:
             sandbox.terminate(self.process, 120)
             self.process = None
-
-
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-                children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found
 
 
 def wait(predicate: Callable[[], object], timeout: float, what: str) -> float:

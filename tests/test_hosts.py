@@ -20,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import os
 import shutil
-import signal
 import subprocess
 import time
 import uuid
@@ -121,24 +119,7 @@ def host_fleet(base: Path, fleet: Fleet, name: str, redis_url: str,
 def kill_host(member: Supervisord) -> None:
     """SIGKILL a host's supervisord and everything under it (its children have their own
     process groups): a machine gone at once."""
-    supervisord = member.process.pid
-    os.kill(supervisord, signal.SIGSTOP)  # no restart of what dies below
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [supervisord]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    sandbox.kill_tree(member.process.pid)
     member.process.wait(10)
     # left behind, as by a machine that died: the next start waits for a new one
     (member.fleet.directory / "supervisor.sock").unlink(missing_ok=True)
