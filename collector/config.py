@@ -94,6 +94,9 @@ class FleetConfig:
     host: str = "localhost"
     #: seconds between two heartbeats of this host; it is taken for gone after three missed
     heartbeat: int = 5
+    #: workers are forked by the fleet's spawner (collector.worker.spawner), which
+    #: imports the libraries once for all; off: each worker imports them itself
+    spawner: bool = True
 
 
 #: host names of [fleet] host: they end up in Redis keys and PostgreSQL application names
@@ -238,7 +241,7 @@ class _Reader:
         ),
         "plugins": frozenset({"enabled"}),
         "metrics": frozenset({"listen", "allow_remote"}),
-        "fleet": frozenset({"host", "heartbeat"}),
+        "fleet": frozenset({"host", "heartbeat", "spawner"}),
     }
 
     def __init__(self, path: Path, parser: configparser.ConfigParser) -> None:
@@ -283,7 +286,8 @@ class _Reader:
         if not FLEET_HOST.fullmatch(host):
             self.problem("fleet", "host", "expected a name of letters, digits, '.', '_' or '-'"
                          " (40 at most, starting with a letter or digit)")
-        return FleetConfig(host=host, heartbeat=self._int("fleet", "heartbeat", 5, 1, 60))
+        return FleetConfig(host=host, heartbeat=self._int("fleet", "heartbeat", 5, 1, 60),
+                           spawner=self._bool("fleet", "spawner", True))
 
     def _check_names(self) -> None:
         for section in self.parser.sections():

@@ -38,6 +38,8 @@ CONTROL = "control"
 LISTENER = "programs"
 #: the Prometheus endpoint's program (when ``[metrics] listen`` is set)
 METRICS = "metrics"
+#: the workers' fork server (when ``[fleet] spawner`` is on)
+SPAWNER = "spawner"
 
 
 def program_name(srvid: int) -> str:

@@ -253,7 +253,7 @@ def test_live_board_follows_the_fleet_without_polling(
     cfg = config.load(fleet.cfg_path)
     with fleet.redis() as client:
         programs = client.hgetall(keys.programs_key(fleet.prefix, cfg.fleet.host))
-        assert {name.decode() for name in programs} >= {"control", "programs", *WORKERS}
+        assert {name.decode() for name in programs} >= {"control", "programs", "spawner", *WORKERS}
         assert json.loads(programs[b"worker_1"])["state"] == "RUNNING"
     direct = StatusBoard(cfg)
     # the event listener ticks every 5 s: 7 s without a word means it is gone

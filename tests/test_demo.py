@@ -50,8 +50,8 @@ def test_demo_runs_headless_and_stops_cleanly(demo_dir: Path) -> None:
 
         def all_running() -> bool:
             code, page = web_ui(port, (user, password))
-            expected = {"control", "programs", "redis", "workload", "worker_1", "worker_2",
-                        "worker_3"}
+            expected = {"control", "programs", "redis", "spawner", "workload", "worker_1",
+                        "worker_2", "worker_3"}
             return code == 200 and web_states(page) == dict.fromkeys(expected, "running")
 
         wait_for(all_running, 60, "every program RUNNING in the web UI")

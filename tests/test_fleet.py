@@ -83,7 +83,8 @@ def test_three_servers_run_and_snapshot_under_supervisord(
     assert web_ui(fleet.http_port, ("admin", "wrong"))[0] == 401
     code, page = web_ui(fleet.http_port, ("admin", "web-secret"))
     assert code == 200
-    assert web_states(page) == dict.fromkeys(("control", "programs", *WORKERS), "running")
+    assert web_states(page) == dict.fromkeys(("control", "programs", "spawner", *WORKERS),
+                                             "running")
 
 
 def test_stop_and_start_one_worker(
@@ -194,7 +195,7 @@ def test_hostile_rows_generate_the_same_files_as_plain_ones(fleet: Fleet, repo: 
     try:
         names = set(running.rpc.all_processes())
         expected = {f"worker_{100 + i}" for i in range(1, len(HOSTILE) + 1)}
-        assert names == {"control", "programs"} | expected
+        assert names == {"control", "programs", "spawner"} | expected
     finally:
         running.stop()
 

@@ -25,7 +25,8 @@ from tests.helpers import PYTHON, ROOT, Fleet, Repo, wait_for
 #: what a source distribution would not hold either: anywhere, and at the top only
 NOT_SHIPPED = shutil.ignore_patterns("__pycache__", "*.egg-info", ".*_cache", ".hypothesis")
 NOT_SHIPPED_TOP = {".venv", ".git", "build", "demo", "workers_available", "workers_enabled",
-                   "logs", "supervisord.conf", "supervisord.pid", "supervisor.sock", ".fleet.lock"}
+                   "logs", "supervisord.conf", "supervisord.pid", "supervisor.sock", ".fleet.lock",
+                   ".spawner.sock"}
 
 
 def not_shipped(directory: str, names: list[str]) -> set[str]:

@@ -31,7 +31,8 @@ from pathlib import Path
 from collector.config import Config
 from collector.errors import EXPECTED_EXIT_CODES, ConfigError, FleetError, UsageError
 from collector.fleet.supervisord import MAX_SOCKET_PATH
-from collector.keys import CONTROL, LISTENER, METRICS, program_name
+from collector.keys import CONTROL, LISTENER, METRICS, SPAWNER, program_name
+from collector.spawning import ENV_SPAWNER
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ WORKER_FLAGS = ("-OO",)
 def worker_environment(cfg: Config) -> dict[str, str]:
     """What a worker's environment adds, each measured by benchmarks/memory_bench.py."""
     return {
+        # forked by the spawner (it has the same settings: it is their interpreter)
+        **({ENV_SPAWNER: "1"} if cfg.fleet.spawner else {}),
         # four threads would get four malloc arenas; one is 0.3 MiB less per worker
         "MALLOC_ARENA_MAX": "1",
         "PYTHONPYCACHEPREFIX": str(cfg.directory / BYTECODE_DIR),
@@ -198,6 +201,17 @@ def _round_up(value: int, step: int = 1024) -> int:
     return (value + step - 1) // step * step
 
 
+def _spawner_program(cfg: Config, python: str) -> list[str]:
+    if not cfg.fleet.spawner:
+        return []
+    environment = {key: value for key, value in worker_environment(cfg).items()
+                   if key != ENV_SPAWNER}
+    return [*_program(cfg, python, SPAWNER, "collector.worker.spawner", stopwaitsecs=10,
+                      flags=WORKER_FLAGS, environment=environment),
+            # started before the control and the workers, stopped after them
+            "priority = 800", ""]
+
+
 def _metrics_program(cfg: Config, python: str) -> list[str]:
     if not cfg.metrics.enabled:
         return []
@@ -249,6 +263,7 @@ def render_supervisord(cfg: Config, python: str, workers: int) -> str:
         # started before the workers, stopped after them
         "priority = 900",
         "",
+        *_spawner_program(cfg, python),
         *_metrics_program(cfg, python),
         # program states pushed to Redis: the control process answers from them
         f"[eventlistener:{LISTENER}]",

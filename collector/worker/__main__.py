@@ -3,10 +3,15 @@
 import os
 import sys
 
-from collector.worker import startgate
+from collector.worker import startgate, stub
 
-# the heavy imports wait for a start slot (see collector.worker.startgate)
 ARGV = sys.argv[1:]
+# forked by the fleet's spawner, this process standing in for it (see collector.worker.stub)
+CODE = stub.forked(ARGV, os.environ, startgate.config_path(ARGV))
+if CODE is not None:
+    sys.exit(CODE)
+
+# no spawner: the heavy imports wait for a start slot (see collector.worker.startgate)
 GATE = startgate.wanted(ARGV, os.environ)
 startgate.be_nice(GATE)
 with startgate.held(GATE, startgate.server_id(ARGV)):

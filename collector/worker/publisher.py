@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from typing import Any
 
+from collector import spawning
 from collector.backoff import Backoff
 from collector.keys import (
     STATUS_RUNNING,
@@ -83,7 +83,7 @@ class StatusPublisher(threading.Thread):
         self._backoff = Backoff(initial=0.5, maximum=self.heartbeat)
         #: set once a document is in Redis; tests and the final write wait on it
         self.written = threading.Event()
-        self.pid = os.getpid()
+        self.pid = spawning.program_pid()
         #: this collector host ([fleet] host): statuses of a server move with its lease
         self.host = host
         self.owner = f"{host}/{self.pid}"

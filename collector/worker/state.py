@@ -6,13 +6,12 @@ into the status document and plugin events.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
-from collector import __version__
+from collector import __version__, spawning
 from collector.keys import iso, program_name
 from collector.logs import one_line
 from collector.repository import Server
@@ -92,7 +91,7 @@ class ServerState:
             "program": program_name(self.srvid),
             "alias": self.alias,
             "status": status,
-            "pid": os.getpid(),
+            "pid": spawning.program_pid(),
             "host": self.host,
             "version": __version__,
             "frequency": self.server.frequency if self.server else None,

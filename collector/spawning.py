@@ -1,0 +1,64 @@
+"""What a worker program's process and the fleet's spawner say to each other.
+
+The spawner (``collector.worker.spawner``) forks the workers; each worker
+program's process (``collector.worker.stub``) asks it for one over
+``<fleet directory>/.spawner.sock`` and stands for it.  The generator (fleet
+side) marks the workers of a fleet that has a spawner.  Standard library only:
+the stub must stay light.
+
+A request is its length, then NUL-separated fields: the working directory,
+the number of arguments, the arguments, then ``KEY=VALUE`` of the
+environment; the stub's stdin, stdout and stderr travel with it
+(``SCM_RIGHTS``).  The answers are frames of a kind and an integer: ``P``
+and the worker's pid once it exists, ``X`` and its exit code at its end.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+#: the spawner's socket, in the fleet directory (beside collector.cfg)
+SOCKET_NAME = ".spawner.sock"
+#: set (to 1) by the generator in the workers' environment: this fleet has a spawner
+ENV_SPAWNER = "POWA_FLEET_SPAWNER"
+#: the pid supervisord knows this worker by, in a forked worker's environment
+ENV_PROGRAM_PID = "POWA_FLEET_PROGRAM_PID"
+#: the first answer: "P" and the worker's pid; the last: "X" and its exit code
+PID = b"P"
+EXIT = b"X"
+FRAME = struct.Struct("!ci")
+#: the request: its length, then NUL-separated fields (cwd, argc, argv..., KEY=VALUE...)
+LENGTH = struct.Struct("!I")
+
+
+def program_pid() -> int:
+    """The pid supervisord shows for this worker's program (a forked worker's stand-in)."""
+    value = os.environ.get(ENV_PROGRAM_PID, "")
+    return int(value) if value.isdigit() else os.getpid()
+
+
+def socket_path(config: str | None) -> str | None:
+    """The spawner's socket for the configuration file ``config`` (None: no file named)."""
+    if not config:
+        return None
+    return str(Path(config).absolute().parent / SOCKET_NAME)
+
+
+def encode_request(cwd: str, argv: Sequence[str], environ: Mapping[str, str]) -> bytes:
+    fields = [cwd, str(len(argv)), *argv, *(f"{key}={value}" for key, value in environ.items())]
+    payload = b"\0".join(os.fsencode(field) for field in fields)
+    return LENGTH.pack(len(payload)) + payload
+
+
+def decode_request(payload: bytes) -> tuple[str, list[str], dict[str, str]]:
+    """(cwd, argv, environment) of a request; ValueError when it is not one."""
+    fields = [os.fsdecode(field) for field in payload.split(b"\0")]
+    if len(fields) < 2 or not fields[1].isdigit() or len(fields) < 2 + int(fields[1]):
+        raise ValueError("malformed spawn request")
+    argc = int(fields[1])
+    argv = fields[2:2 + argc]
+    environ = dict(item.split("=", 1) for item in fields[2 + argc:] if "=" in item)
+    return fields[0], argv, environ
