@@ -44,6 +44,8 @@ $SUDO debootstrap --variant=minbase --include="$PACKAGES" trixie "$building" >/d
 has_powa5 "$building" || { echo "debootstrap gave no PoWA 5 in $building" >&2; exit 1; }
 # the clusters' data directories are made under its /tmp
 $SUDO chmod 1777 "$building/tmp"
+# mktemp made it 0700: the clusters run as postgres inside it
+$SUDO chmod 755 "$building"
 # what is left of an unusable tree goes; one another run finished meanwhile wins
 if [ -e "$TREE" ] && ! has_powa5 "$TREE"; then
     $SUDO rm -rf --one-file-system "$TREE"
