@@ -61,6 +61,20 @@ def pss_kib(pid: int) -> int:
     raise ValueError("no Pss line")
 
 
+def forked_workers(spawner: int) -> dict[int, int]:
+    """srvid -> pid of the workers ``spawner`` forked (each names itself worker_N)."""
+    found = {}
+    children = Path(f"/proc/{spawner}/task/{spawner}/children").read_text().split()
+    for child in children:
+        try:
+            comm = Path(f"/proc/{child}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm.startswith("worker_") and comm.removeprefix("worker_").isdigit():
+            found[int(comm.removeprefix("worker_"))] = int(child)
+    return found
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))

@@ -36,6 +36,7 @@ import psycopg
 
 from benchmarks.common import (
     ROOT,
+    forked_workers,
     header,
     median,
     ms,
@@ -47,6 +48,7 @@ from benchmarks.common import (
 from collector.cli.client import Answer, Client
 from collector.demo import sandbox
 from collector.fleet.supervisord import Supervisor
+from collector.keys import SPAWNER
 
 PER_CLUSTER = 50
 REQUESTS = 300
@@ -90,7 +92,8 @@ def run(*args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
 
 
 class Fleet:
-    def __init__(self, directory: Path, repo: sandbox.Cluster, redis_url: str) -> None:
+    def __init__(self, directory: Path, repo: sandbox.Cluster, redis_url: str,
+                 spawner: bool = True) -> None:
         directory.mkdir()
         self.dir = directory
         self.repo = repo
@@ -98,6 +101,7 @@ class Fleet:
         self.cfg.write_text(
             f"[repository]\ndsn = {repo.dsn()}\n[redis]\nurl = {redis_url}\n"
             f"prefix = {directory.name}\n[supervisor]\nhttp =\n[collector]\nlog_level = warning\n"
+            f"[fleet]\nspawner = {str(spawner).lower()}\n"
         )
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -142,11 +146,18 @@ class Fleet:
         raise TimeoutError(f"{count} workers not running after {timeout}s")
 
     def worker_pss(self) -> list[int]:
+        """PSS of each worker: supervisord's process, plus the worker the spawner forked."""
+        processes = self.rpc.all_processes()
+        spawner = processes.get(SPAWNER, {}).get("pid")
+        forked = forked_workers(int(spawner)) if spawner else {}
         sizes = []
-        for name, info in self.rpc.all_processes().items():
+        for name, info in processes.items():
             if name.startswith("worker_") and info["pid"]:
+                pids = [int(info["pid"])]
+                if int(name.removeprefix("worker_")) in forked:
+                    pids.append(forked[int(name.removeprefix("worker_"))])
                 try:
-                    sizes.append(pss_kib(int(info["pid"])))
+                    sizes.append(sum(pss_kib(pid) for pid in pids))
                 except (OSError, ValueError):
                     continue
         return sizes

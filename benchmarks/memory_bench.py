@@ -33,14 +33,14 @@ from pathlib import Path
 
 import simplejson as json
 
-from benchmarks.common import ROOT, header, median, table
+from benchmarks.common import ROOT, forked_workers, header, median, table
 from benchmarks.fleet_bench import Fleet, make_remotes, register
 from collector import config
 from collector.cli.client import Client
 from collector.demo import sandbox
 from collector.fleet import bytecode, files
+from collector.keys import SPAWNER, status_key
 from collector.keys import client as redis_client
-from collector.keys import status_key
 
 TICK = os.sysconf("SC_CLK_TCK")
 #: a sitecustomize that imports redis-py whole, as the fleet did before collector.syncredis
@@ -54,6 +54,8 @@ class Variant:
     #: None: the environment the generator writes
     environment: dict[str, str] | None
     cold: bool = False
+    #: workers forked by the fleet's spawner ([fleet] spawner)
+    spawner: bool = False
 
 
 @dataclass
@@ -73,6 +75,7 @@ def variants(base: Path) -> dict[str, Variant]:
         Variant("arena", (), {"MALLOC_ARENA_MAX": "1"}),
         Variant("oo", files.WORKER_FLAGS, None),
         Variant("oo-cold", files.WORKER_FLAGS, None, cold=True),
+        Variant("spawner", files.WORKER_FLAGS, None, spawner=True),
     ]}
 
 
@@ -82,6 +85,7 @@ LABELS = {
     "arena": "+ MALLOC_ARENA_MAX=1",
     "oo": "+ -OO, bytecode cache warm",
     "oo-cold": "+ -OO, bytecode cache cold",
+    "spawner": "+ forked by the spawner (stand-in + worker)",
 }
 
 
@@ -110,15 +114,37 @@ def rewrite_programs(directory: Path, variant: Variant) -> None:
         path.write_text("\n".join([*lines, ""]))
 
 
-def memory(pid: int) -> dict[str, int]:
-    text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    return {key: int(value) for key, value in
-            re.findall(r"^(Pss|Anonymous):\s+(\d+)", text, re.MULTILINE)}
+def memory(pids: list[int]) -> dict[str, int]:
+    """PSS and Anonymous (KiB) of a worker: its processes summed."""
+    total: dict[str, int] = {}
+    for pid in pids:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        for key, value in re.findall(r"^(Pss|Anonymous):\s+(\d+)", text, re.MULTILINE):
+            total[key] = total.get(key, 0) + int(value)
+    return total
 
 
-def cpu_ms(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1000 / TICK
+def cpu_ms(pids: list[int]) -> float:
+    """CPU (ms) a worker's processes used; a forked worker's counts from its fork."""
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) * 1000 / TICK
+    return total
+
+
+class Workers:
+    """The processes of each worker: supervisord's, and the one the spawner forked, if any."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.forked: dict[int, int] = {}
+
+    def pids(self, srvid: int, pid: int) -> list[int]:
+        if self.forked.get(srvid) is None or not Path(f"/proc/{self.forked[srvid]}").exists():
+            spawner = self.fleet.rpc.all_processes().get(SPAWNER, {}).get("pid")
+            self.forked = forked_workers(int(spawner)) if spawner else {}
+        return [pid, self.forked[srvid]] if srvid in self.forked else [pid]
 
 
 def documents(url: str, prefix: str, srvids: list[int]) -> dict[int, dict[str, object]]:
@@ -134,15 +160,17 @@ def documents(url: str, prefix: str, srvids: list[int]) -> dict[int, dict[str, o
     return found
 
 
-def first_statuses(url: str, prefix: str, srvids: list[int], timeout: float) -> dict[int, float]:
-    """Each worker's CPU (ms) when its status first appears; pid by srvid in ``pids``."""
+def first_statuses(url: str, prefix: str, srvids: list[int], timeout: float,
+                   workers: Workers) -> dict[int, float]:
+    """Each worker's CPU (ms) when its status first appears."""
     seen: dict[int, float] = {}
     deadline = time.monotonic() + timeout
     while len(seen) < len(srvids) and time.monotonic() < deadline:
         for srvid, document in documents(url, prefix, [s for s in srvids
                                                        if s not in seen]).items():
             try:
-                seen[srvid] = cpu_ms(int(document["pid"]))  # type: ignore[call-overload]
+                seen[srvid] = cpu_ms(workers.pids(
+                    srvid, int(document["pid"])))  # type: ignore[call-overload]
             except (OSError, ValueError, KeyError):
                 continue
         time.sleep(0.05)
@@ -151,7 +179,8 @@ def first_statuses(url: str, prefix: str, srvids: list[int], timeout: float) -> 
 
 def measure(base: Path, repo: sandbox.Cluster, redis_url: str, srvids: list[int],
             variant: Variant, settle: float) -> Measure:
-    fleet = Fleet(base / f"fleet-{variant.name}", repo, redis_url)
+    fleet = Fleet(base / f"fleet-{variant.name}", repo, redis_url, spawner=variant.spawner)
+    workers = Workers(fleet)
     fleet.generate()
     rewrite_programs(fleet.dir, variant)
     cfg = config.load(fleet.cfg)
@@ -162,13 +191,14 @@ def measure(base: Path, repo: sandbox.Cluster, redis_url: str, srvids: list[int]
     result = Measure()
     fleet.start()
     try:
-        started = first_statuses(redis_url, cfg.redis.prefix, srvids, timeout=300)
+        started = first_statuses(redis_url, cfg.redis.prefix, srvids, timeout=300,
+                                 workers=workers)
         result.start_cpu_ms = list(started.values())
         fleet.wait_running(len(srvids))
         time.sleep(settle)
-        pids = {s: int(d["pid"]) for s, d in  # type: ignore[call-overload]
-                documents(redis_url, cfg.redis.prefix, srvids).items()}
-        result.rest = [memory(pid) for pid in pids.values()]
+        pids = {s: workers.pids(s, int(d["pid"]))  # type: ignore[call-overload]
+                for s, d in documents(redis_url, cfg.redis.prefix, srvids).items()}
+        result.rest = [memory(both) for both in pids.values()]
         with Client(repo.dsn()) as client:
             for srvid in srvids:
                 client.ask("FORCE_SNAPSHOT", (str(srvid),), timeout=10)
@@ -237,7 +267,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=50)
-    parser.add_argument("--variants", default="baseline,narrow-redis,arena,oo",
+    parser.add_argument("--variants", default="baseline,narrow-redis,arena,oo,spawner",
                         help="comma-separated, among: " + ", ".join(LABELS))
     parser.add_argument("--settle", type=float, default=10,
                         help="seconds between the last start and the at-rest reading")

@@ -16,6 +16,8 @@ supervisord starts, then:
    right after a forced snapshot (FORCE_SNAPSHOT in waves of 50), and after
    the scheduled snapshots seen in 3.; the host's other processes; how many
    workers fit in 20 GiB;
+   (a worker is supervisord's process, the stand-in, plus the worker the
+   spawner forked for it; the spawner is counted once, with the others);
 3. schedule lag: for each scheduled snapshot seen during ``--observe``
    seconds, its start minus its due time, the due time being the
    ``next_snapshot_due`` the worker announced in its status document before
@@ -45,13 +47,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import header, median, ms, percentile, table
+from benchmarks.common import forked_workers, header, median, ms, percentile, table
 from benchmarks.fleet_bench import Fleet, latency_row, make_remotes, register, round_trips
 from collector import config
 from collector.cli.client import Client
 from collector.demo import sandbox
 from collector.fleet import bytecode, files
-from collector.keys import CONTROL, LISTENER, STATUS_RUNNING, loads, program_name, status_key
+from collector.keys import (
+    CONTROL,
+    LISTENER,
+    SPAWNER,
+    STATUS_RUNNING,
+    loads,
+    program_name,
+    status_key,
+)
 from collector.keys import client as redis_client
 from collector.syncredis import redis
 
@@ -129,6 +139,28 @@ class Host:
         self.redis_server = redis_server
         self.prefix = config.load(fleet.cfg).redis.prefix
         self.redis = redis_client(redis_server.url, socket_timeout=10)
+        #: srvid -> pid of its forked worker, refreshed when one is not found
+        self._forked: dict[int, int] = {}
+        #: srvid -> (PSS, anonymous PSS) of the program's process alone, its last reading
+        self.stand_ins: dict[int, tuple[int, int]] = {}
+
+    def worker_smaps(self, srvid: int, pid: int) -> tuple[int, int]:
+        """PSS and anonymous PSS of a worker: supervisord's process, and its forked worker.
+
+        With the spawner, supervisord's process is the worker's stand-in
+        (collector.worker.stub) and the worker is the spawner's child; both count.
+        """
+        stand_in = smaps(pid)
+        forked = self._forked.get(srvid)
+        if forked is None or not Path(f"/proc/{forked}").exists():
+            spawner = self.pids().get(SPAWNER)
+            self._forked = forked_workers(spawner) if spawner else {}
+            forked = self._forked.get(srvid)
+        if forked is None:
+            return stand_in
+        self.stand_ins[srvid] = stand_in
+        worker = smaps(forked)
+        return stand_in[0] + worker[0], stand_in[1] + worker[1]
 
     def documents(self, srvids: Sequence[int]) -> dict[int, dict[str, Any]]:
         """Status documents; none when Redis does not answer in time (a sample missed)."""
@@ -179,7 +211,7 @@ class Host:
         assert self.fleet.process is not None and self.redis_server.process is not None
         found = {"supervisord": self.fleet.process.pid,
                  "redis-server": self.redis_server.process.pid}
-        for name in (CONTROL, LISTENER):
+        for name in (CONTROL, LISTENER, SPAWNER):
             if name in pids:
                 found[name] = pids[name]
         return found
@@ -192,6 +224,8 @@ class Memory:
     forced: dict[int, tuple[int, int]] = field(default_factory=dict)
     scheduled: dict[int, tuple[int, int]] = field(default_factory=dict)
     others: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: at rest, supervisord's process alone (the stand-in of a forked worker)
+    stand_ins: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 def at_rest(host: Host, srvids: Sequence[int]) -> Memory:
@@ -199,9 +233,10 @@ def at_rest(host: Host, srvids: Sequence[int]) -> Memory:
     for srvid, document in host.documents(srvids).items():
         if not document.get("snapshot_in_progress"):
             try:
-                memory.rest[srvid] = smaps(int(document["pid"]))
+                memory.rest[srvid] = host.worker_smaps(srvid, int(document["pid"]))
             except (OSError, KeyError, ValueError):
                 continue
+    memory.stand_ins = dict(host.stand_ins)
     for name, pid in host.others().items():
         memory.others[name] = smaps(pid)
     return memory
@@ -238,7 +273,7 @@ def force_wave(host: Host, dsn: str, wave: Sequence[int],
             if snapshot_ended(document, since):
                 pending.discard(srvid)
                 with contextlib.suppress(OSError, ValueError):
-                    memory.forced[srvid] = smaps(int(document["pid"]))
+                    memory.forced[srvid] = host.worker_smaps(srvid, int(document["pid"]))
         time.sleep(0.05)
     return refused + [f"{s}: no snapshot within 120 s" for s in sorted(pending)], recent
 
@@ -281,7 +316,7 @@ def observe(host: Host, srvids: Sequence[int], seconds: float,
                     and snapshot_ended(document, started)):
                 measured[srvid] = started
                 with contextlib.suppress(OSError, ValueError, KeyError):
-                    memory.scheduled[srvid] = smaps(int(document["pid"]))
+                    memory.scheduled[srvid] = host.worker_smaps(srvid, int(document["pid"]))
             last_start[srvid] = started
             announced[srvid] = epoch(document.get("next_snapshot_due"))
         time.sleep(1)
@@ -410,7 +445,8 @@ def mib(kib: float) -> str:
 
 def memory_rows(memory: Memory) -> list[list[object]]:
     rows: list[list[object]] = []
-    for label, sizes in (("worker at rest", memory.rest),
+    for label, sizes in (("worker at rest (stand-in + forked worker)", memory.rest),
+                         ("... of which the stand-in", memory.stand_ins),
                          ("worker right after a forced snapshot", memory.forced),
                          ("worker right after a scheduled snapshot", memory.scheduled)):
         if sizes:

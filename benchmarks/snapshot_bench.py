@@ -43,7 +43,7 @@ import simplejson as json
 from psycopg import sql
 
 from benchmarks.common import ROOT, header, median, ms, pss_kib, table, upstream_python
-from collector import config, repository
+from collector import config, repository, spawning
 from collector.demo import sandbox
 from collector.fleet import bytecode, files
 from collector.worker.remote import RemoteSession
@@ -312,15 +312,50 @@ def fleet_cfg(base: Path, repo: sandbox.Cluster, redis_url: str, name: str) -> P
     return path
 
 
-def scheduled_worker(cfg_path: Path, srvid: int) -> subprocess.Popen[bytes]:
-    """A worker started as supervisord would start it from the generated section."""
+def worker_environment(cfg_path: Path) -> dict[str, str]:
+    """The environment the generated program sections give the worker and the spawner."""
     cfg = config.load(cfg_path)
     bytecode.warm(cfg, sys.executable)
+    return {**os.environ, **files.worker_environment(cfg)}
+
+
+def spawner(cfg_path: Path) -> subprocess.Popen[bytes]:
+    """The fleet's spawner as the generated [program:spawner] runs it; once it listens."""
+    process = subprocess.Popen(
+        [sys.executable, *files.WORKER_FLAGS, "-m", "collector.worker.spawner", "-c",
+         str(cfg_path)], cwd=ROOT, env=worker_environment(cfg_path),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sock = cfg_path.parent / spawning.SOCKET_NAME
+    deadline = time.monotonic() + 60
+    while not sock.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the spawner did not start")
+        time.sleep(0.05)
+    return process
+
+
+def scheduled_worker(cfg_path: Path, srvid: int, forked: bool) -> subprocess.Popen[bytes]:
+    """A worker started as supervisord would start it from the generated section.
+
+    With a spawner listening in the fleet directory, this process is the
+    worker's stand-in and the worker is the spawner's child.
+    """
+    environment = {**worker_environment(cfg_path), "SUPERVISOR_ENABLED": "1"}
+    if not forked:
+        environment.pop(spawning.ENV_SPAWNER, None)
     return subprocess.Popen(
         [sys.executable, *files.WORKER_FLAGS, "-m", "collector.worker", "-c", str(cfg_path),
-         "--srvid", str(srvid)],
-        cwd=ROOT, env={**os.environ, **files.worker_environment(cfg)},
+         "--srvid", str(srvid)], cwd=ROOT, env=environment,
     )
+
+
+def worker_tasks(process: subprocess.Popen[bytes], spawner_pid: int | None) -> list[int]:
+    """The pids whose CPU is the worker's: its process, and its forked worker if any."""
+    pids = [process.pid]
+    if spawner_pid is not None:
+        children = Path(f"/proc/{spawner_pid}/task/{spawner_pid}/children").read_text().split()
+        pids += [int(child) for child in children]
+    return pids
 
 
 def upstream_daemon(base: Path, repo: sandbox.Cluster) -> subprocess.Popen[bytes]:
@@ -334,35 +369,52 @@ def upstream_daemon(base: Path, repo: sandbox.Cluster) -> subprocess.Popen[bytes
 
 
 def cpu_rounds(args: argparse.Namespace, base: Path, template: Path) -> str:
-    """CPU per snapshot of a scheduled worker and of upstream's daemon, same run."""
+    """CPU per snapshot of scheduled workers (forked, alone) and upstream's daemon, same run."""
     redis_server = sandbox.RedisServer()
     redis_server.start()
+    who_all = ("forked", "alone", "theirs")
     clusters = {}
-    for name in ("cpu-ours-repo", "cpu-ours-remote", "cpu-theirs-repo", "cpu-theirs-remote"):
-        clusters[name] = sandbox.clone(template, base / name)
-        clusters[name].start()
-    ours_repo, theirs_repo = clusters["cpu-ours-repo"], clusters["cpu-theirs-repo"]
-    for who in ("ours", "theirs"):
+    for who in who_all:
+        for part in ("repo", "remote"):
+            clusters[f"cpu-{who}-{part}"] = sandbox.clone(template, base / f"cpu-{who}-{part}")
+            clusters[f"cpu-{who}-{part}"].start()
         sandbox.create_workload(clusters[f"cpu-{who}-remote"], args.cpu_statements)
-    with ours_repo.connect() as conn:
-        srvid = sandbox.register_remote(conn, clusters["cpu-ours-remote"],
-                                        frequency=args.cpu_frequency)
-    with theirs_repo.connect() as conn:
-        sandbox.register_remote(conn, clusters["cpu-theirs-remote"], frequency=args.cpu_frequency)
+    srvids = {}
+    for who in who_all:
+        with clusters[f"cpu-{who}-repo"].connect() as conn:
+            srvids[who] = sandbox.register_remote(conn, clusters[f"cpu-{who}-remote"],
+                                                  frequency=args.cpu_frequency)
+    forked_cfg = fleet_cfg(base, clusters["cpu-forked-repo"], redis_server.url, "cpu-forked")
+    the_spawner = spawner(forked_cfg)
     processes = {
-        "powa-fleet worker": (scheduled_worker(
-            fleet_cfg(base, ours_repo, redis_server.url, "cpu-fleet"), srvid), ours_repo),
-        "upstream powa-collector": (upstream_daemon(base, theirs_repo), theirs_repo),
+        "powa-fleet worker, forked by the spawner": (
+            scheduled_worker(forked_cfg, srvids["forked"], forked=True),
+            clusters["cpu-forked-repo"], the_spawner.pid),
+        "powa-fleet worker, alone": (
+            scheduled_worker(fleet_cfg(base, clusters["cpu-alone-repo"], redis_server.url,
+                                       "cpu-alone"), srvids["alone"], forked=False),
+            clusters["cpu-alone-repo"], None),
+        "upstream powa-collector": (upstream_daemon(base, clusters["cpu-theirs-repo"]),
+                                    clusters["cpu-theirs-repo"], None),
     }
     rows: list[list[object]] = []
     threads: list[list[object]] = []
+
+    def tasks_of(process: subprocess.Popen[bytes], spawner_pid: int | None,
+                 ) -> dict[int, tuple[int, int]]:
+        found: dict[int, tuple[int, int]] = {}
+        for pid in worker_tasks(process, spawner_pid):
+            found.update(cpu_ns(pid))
+        return found
+
     try:
         # past the start, the first connections and the first snapshots
         time.sleep(3 * args.cpu_frequency + 5)
-        before = {who: (cpu_ns(p.pid), snapshot_count(r)) for who, (p, r) in processes.items()}
+        before = {who: (tasks_of(p, sp), snapshot_count(r))
+                  for who, (p, r, sp) in processes.items()}
         time.sleep(args.cpu_seconds)
-        for who, (process, repo) in processes.items():
-            tasks, count = cpu_ns(process.pid), snapshot_count(repo)
+        for who, (process, repo, spawner_pid) in processes.items():
+            tasks, count = tasks_of(process, spawner_pid), snapshot_count(repo)
             start, start_count = before[who]
             spent = {tid: (tasks[tid][0] - start.get(tid, (0, 0))[0],
                            tasks[tid][1] - start.get(tid, (0, 0))[1]) for tid in tasks}
@@ -370,14 +422,17 @@ def cpu_rounds(args: argparse.Namespace, base: Path, template: Path) -> str:
             snapshots = count - start_count
             rows.append([who, len(tasks), snapshots, ms(total / 1e9),
                          ms(total / 1e9 / snapshots) if snapshots else "-"])
+            pids = worker_tasks(process, spawner_pid)
             for n, tid in enumerate(sorted(spent)):
                 ns, slices = spent[tid]
-                threads.append([who, "main" if tid == process.pid else f"thread {n}",
-                                ms(ns / 1e9), slices,
+                label = ("stand-in" if tid == process.pid and spawner_pid else
+                         "main" if tid in pids else f"thread {n}")
+                threads.append([who, label, ms(ns / 1e9), slices,
                                 f"{slices / args.cpu_seconds:.2f}"])
     finally:
-        for process, _ in processes.values():
+        for process, _, _ in processes.values():
             sandbox.terminate(process, 30)
+        sandbox.terminate(the_spawner, 30)
         for cluster in clusters.values():
             cluster.stop()
         redis_server.stop()
@@ -405,31 +460,42 @@ def once_rounds(args: argparse.Namespace, base: Path, template: Path) -> str:
     with repo.connect() as conn:
         srvid = sandbox.register_remote(conn, remote, alias="once")
     cfg = fleet_cfg(base, repo, redis_server.url, "once-fleet")
+    forked_cfg = fleet_cfg(base, repo, redis_server.url, "once-forked")
+    the_spawner = spawner(forked_cfg)
     commands = {
         "ours": [sys.executable, "-m", "collector.worker", "-c", str(cfg), "--srvid",
                  str(srvid), "--once"],
+        "forked": [sys.executable, "-m", "collector.worker", "-c", str(forked_cfg), "--srvid",
+                   str(srvid), "--once"],
         "upstream": [str(upstream_python()), "-c", UPSTREAM_ONCE, repo.dsn(), remote.host,
                      str(remote.port), str(srvid)],
     }
-    walls: dict[str, list[float]] = {"ours": [], "upstream": []}
+    walls: dict[str, list[float]] = {who: [] for who in commands}
     try:
         for n in range(args.once_rounds + 1):
-            for who in (("ours", "upstream") if n % 2 else ("upstream", "ours")):
+            for who in (("ours", "forked", "upstream") if n % 2 else
+                        ("upstream", "forked", "ours")):
                 started = time.perf_counter()
                 subprocess.run(commands[who], cwd=ROOT, check=True, capture_output=True)
                 if n:
                     # the first round warms the caches of both
                     walls[who].append(time.perf_counter() - started)
     finally:
+        sandbox.terminate(the_spawner, 30)
         repo.stop()
         remote.stop()
         redis_server.stop()
-    ratios = [o / u for o, u in zip(walls["ours"], walls["upstream"], strict=True)]
+    rows = []
+    for who, label in (("ours", "powa-fleet --once, no spawner"),
+                       ("forked", "powa-fleet --once, the fleet's spawner listening")):
+        ratios = [o / u for o, u in zip(walls[who], walls["upstream"], strict=True)]
+        rows.append([label, ms(median(walls[who])), ms(median(walls["upstream"])),
+                     f"{median(ratios):.2f}"])
     return table(
         f"One-shot snapshot in a fresh process, {args.cpu_statements} statements, wall ms"
         f" (median of {args.once_rounds})",
-        ["powa-fleet --once", "upstream, one snapshot", "ours / upstream (median of rounds)"],
-        [[ms(median(walls["ours"])), ms(median(walls["upstream"])), f"{median(ratios):.2f}"]],
+        ["command", "powa-fleet", "upstream, one snapshot", "ours / upstream (median of rounds)"],
+        rows,
     )
 
 
