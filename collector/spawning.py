@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 #: the spawner's socket, in the fleet directory (beside collector.cfg)
 SOCKET_NAME = ".spawner.sock"
@@ -40,11 +39,24 @@ def program_pid() -> int:
     return int(value) if value.isdigit() else os.getpid()
 
 
+def config_path(argv: Sequence[str]) -> str | None:
+    """The value of ``-c``/``--config`` in ``argv`` (argparse's spellings), if any."""
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            return argv[i + 1]
+        for prefix in ("--config=", "-c"):
+            if arg.startswith(prefix) and len(arg) > len(prefix) and arg != "--config":
+                return arg[len(prefix):]
+    return None
+
+
 def socket_path(config: str | None) -> str | None:
     """The spawner's socket for the configuration file ``config`` (None: no file named)."""
     if not config:
         return None
-    return str(Path(config).absolute().parent / SOCKET_NAME)
+    # os.path, not pathlib: the stand-in imports nothing it can do without
+    directory = os.path.dirname(os.path.abspath(config))  # noqa: PTH100, PTH120
+    return os.path.join(directory, SOCKET_NAME)  # noqa: PTH118
 
 
 def encode_request(cwd: str, argv: Sequence[str], environ: Mapping[str, str]) -> bytes:

@@ -34,6 +34,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
+from collector.spawning import config_path
+
 #: longest wait for a slot (seconds) before starting anyway
 MAX_WAIT = 60
 #: supervised workers run this much nicer than the control, supervisord and its event
@@ -57,17 +59,6 @@ def be_nice(directory: Path | None) -> None:
     if directory is not None:
         with contextlib.suppress(OSError):
             os.nice(NICE)
-
-
-def config_path(argv: Sequence[str]) -> str | None:
-    """The value of ``-c``/``--config`` in ``argv`` (argparse's spellings), if any."""
-    for i, arg in enumerate(argv):
-        if arg in ("-c", "--config") and i + 1 < len(argv):
-            return argv[i + 1]
-        for prefix in ("--config=", "-c"):
-            if arg.startswith(prefix) and len(arg) > len(prefix) and arg != "--config":
-                return arg[len(prefix):]
-    return None
 
 
 def server_id(argv: Sequence[str]) -> int:

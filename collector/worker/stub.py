@@ -43,7 +43,6 @@ import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from types import FrameType
 
 from collector.spawning import ENV_SPAWNER, EXIT, FRAME, PID, encode_request, socket_path
@@ -150,7 +149,8 @@ def _stand_in(sock: socket.socket, relay: Relay, argv: Sequence[str],
               environ: Mapping[str, str]) -> int | None:
     try:
         sock.settimeout(ANSWER_WAIT)
-        socket.send_fds(sock, [encode_request(str(Path.cwd()), argv, environ)], [0, 1, 2])
+        request = encode_request(os.getcwd(), argv, environ)  # noqa: PTH109
+        socket.send_fds(sock, [request], [0, 1, 2])
         answer = _read_frame(sock)
     except OSError:
         answer = None

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from collector import spawning
 from collector.worker import startgate
 
 
 def test_config_path_in_every_spelling() -> None:
-    assert startgate.config_path(["-c", "/f/collector.cfg", "--srvid", "3"]) == "/f/collector.cfg"
-    assert startgate.config_path(["--srvid", "3", "--config", "/f/c.cfg"]) == "/f/c.cfg"
-    assert startgate.config_path(["--config=/f/c.cfg"]) == "/f/c.cfg"
-    assert startgate.config_path(["-c/f/c.cfg"]) == "/f/c.cfg"
-    assert startgate.config_path(["--srvid", "3"]) is None
+    assert spawning.config_path(["-c", "/f/collector.cfg", "--srvid", "3"]) == "/f/collector.cfg"
+    assert spawning.config_path(["--srvid", "3", "--config", "/f/c.cfg"]) == "/f/c.cfg"
+    assert spawning.config_path(["--config=/f/c.cfg"]) == "/f/c.cfg"
+    assert spawning.config_path(["-c/f/c.cfg"]) == "/f/c.cfg"
+    assert spawning.config_path(["--srvid", "3"]) is None
     assert startgate.server_id(["-c", "x", "--srvid", "42"]) == 42
     assert startgate.server_id(["--srvid=7"]) == 7
     assert startgate.server_id(["--srvid", "nope"]) == 0
