@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -163,6 +164,11 @@ def test_supervised_workers_are_forked_by_the_fleets_spawner(
     # supervisorctl stop/start act on the worker through its stand-in
     worker = forked_worker(spawner, 2)
     assert worker is not None
+    # stand-ins and workers give way to supervisord, the spawner and the control
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, worker) == max(nice, spawning.NICE)
+    assert os.getpriority(os.PRIO_PROCESS, supervisord.pid("worker_2")) == max(nice, spawning.NICE)
+    assert os.getpriority(os.PRIO_PROCESS, spawner) == nice
     result = supervisord.ctl("stop", "worker_2")
     assert "stopped" in result.stdout, result.stdout + result.stderr
     assert not is_alive(worker)

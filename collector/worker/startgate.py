@@ -34,14 +34,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
+from collector import spawning
 from collector.spawning import config_path
 
 #: longest wait for a slot (seconds) before starting anyway
 MAX_WAIT = 60
-#: supervised workers run this much nicer than the control, supervisord and its event
-#: listener: on a saturated host (hundreds starting, a burst of snapshots) those answer
-#: powa-web and keep the fleet's picture; a worker's work can wait a little
-NICE = 10
 ENV_SLOTS = "POWA_FLEET_START_SLOTS"
 
 
@@ -57,8 +54,7 @@ def slots() -> int:
 def be_nice(directory: Path | None) -> None:
     """Lower this supervised worker's CPU priority (``directory``: it passes the gate)."""
     if directory is not None:
-        with contextlib.suppress(OSError):
-            os.nice(NICE)
+        spawning.be_nice()
 
 
 def server_id(argv: Sequence[str]) -> int:

@@ -45,7 +45,7 @@ import time
 from collections.abc import Mapping, Sequence
 from types import FrameType
 
-from collector.spawning import ENV_SPAWNER, EXIT, FRAME, PID, encode_request, socket_path
+from collector.spawning import ENV_SPAWNER, EXIT, FRAME, PID, be_nice, encode_request, socket_path
 
 #: longest wait for the spawner to listen, for a supervised worker of a fleet that has one:
 #: at supervisord's start the spawner imports while hundreds of programs start (800 on
@@ -146,6 +146,9 @@ def forked(argv: Sequence[str], environ: Mapping[str, str], config: str | None) 
     if path is None:
         return None
     supervised = bool(environ.get("SUPERVISOR_ENABLED"))
+    if supervised:
+        # hundreds start together: supervisord, the spawner and the control come first
+        be_nice()
     wait = WAIT if supervised and environ.get(ENV_SPAWNER) == "1" else 0.0
     sock = _connect(path, wait)
     if sock is None:

@@ -99,7 +99,9 @@ def test_an_unusable_directory_opens_the_gate(tmp_path: Path) -> None:
 
 
 def test_only_a_supervised_worker_is_made_nicer(tmp_path: Path) -> None:
+    # twice, as a stand-in that found no spawner and then runs its worker does
     code = ("import os, sys; from collector.worker import startgate;"
+            " startgate.be_nice(startgate.wanted(sys.argv[1:], os.environ));"
             " startgate.be_nice(startgate.wanted(sys.argv[1:], os.environ));"
             " print(os.nice(0))")
     argv = [sys.executable, "-c", code, "-c", str(tmp_path / "collector.cfg")]
@@ -109,4 +111,4 @@ def test_only_a_supervised_worker_is_made_nicer(tmp_path: Path) -> None:
     supervised = subprocess.run(argv, capture_output=True, text=True, check=True,
                                 env={**os.environ, "SUPERVISOR_ENABLED": "1"})
     assert int(plain.stdout) == base
-    assert int(supervised.stdout) == min(19, base + startgate.NICE)
+    assert int(supervised.stdout) == max(base, spawning.NICE)
