@@ -21,6 +21,7 @@ import redis
 from collector import config, keys, repository
 from collector.demo import sandbox
 from collector.fleet import programs
+from collector.fleet.supervisord import Supervisor
 from collector.worker import loop, taker
 from tests.conftest import Supervisord
 from tests.helpers import PYTHON, ROOT, Fleet, Repo, wait_for
@@ -142,6 +143,30 @@ def test_the_event_listener_writes_what_happened_while_redis_was_away(fleet: Fle
         client.close()
     finally:
         server.stop()
+
+
+def test_the_event_listener_writes_events_before_supervisord_answers(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fleet starting: the table comes from events first, supervisord's read replaces it later."""
+    cfg = config.load(fleet.cfg_path)
+    key = keys.programs_key(fleet.prefix, cfg.fleet.host)
+    with fleet.redis() as client:
+        client.hset(key, "worker_99", '{"state": "RUNNING", "pid": 99, "since": 0}')
+        table = programs.Table(cfg)
+        table.update("worker_1", {"state": "STARTING", "pid": 11, "since": 1.0})
+        # readers trust it at once, and what an earlier listener left stays until the read
+        assert set(client.hkeys(key)) == {b"worker_1", b"worker_99"}
+        assert client.exists(keys.alive_key(fleet.prefix, cfg.fleet.host))
+        answer = {
+            "worker_1": {"statename": "RUNNING", "pid": 11, "start": 1.0},
+            "worker_2": {"statename": "RUNNING", "pid": 12, "start": 2.0},
+        }
+        monkeypatch.setattr(Supervisor, "all_processes", lambda self: answer)
+        table.tick()
+        assert set(client.hkeys(key)) == {b"worker_1", b"worker_2"}
+        assert b'"RUNNING"' in (client.hget(key, "worker_1") or b"")
+        client.delete(key)
 
 
 def test_a_frozen_session_inside_a_snapshot_transaction_loses_its_locks(

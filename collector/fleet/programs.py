@@ -99,6 +99,9 @@ class Table:
                    "since": float(info.get("start") or now)}
             for name, info in processes.items()
         }
+        if not self.seeded:
+            # the first read: what an earlier listener left in Redis goes (see flush)
+            self.rewrite = True
         self.removed |= set(self.states) - set(seeded)
         self.changed |= {name for name, state in seeded.items()
                          if self.states.get(name, {}).get("state") != state["state"]
@@ -141,7 +144,9 @@ class Table:
         names = list(self.states) if self.rewrite else sorted(self.changed)
         try:
             with self.redis.pipeline(transaction=True) as pipe:
-                if self.rewrite:
+                # only a table read from supervisord replaces the whole hash: until
+                # then, what events said is added to what Redis has
+                if self.rewrite and self.seeded:
                     pipe.delete(self.key)
                 for name in sorted(self.removed):
                     pipe.hdel(self.key, name)
@@ -173,8 +178,13 @@ class Table:
 
 
 def serve(table: Table, stdin: TextIO, stdout: TextIO) -> None:
-    """The eventlistener protocol loop: every event is acknowledged at once."""
-    table.seed()
+    """The eventlistener protocol loop: every event is acknowledged at once.
+
+    The table is read from supervisord at the first tick, not before the first
+    event: while supervisord starts hundreds of programs its XML-RPC answers
+    after tens of seconds, and meanwhile the events alone keep the table (and
+    so the control's answers) current.
+    """
     while True:
         try:
             headers, payload = childutils.listener.wait(stdin, stdout)
