@@ -131,8 +131,9 @@ def test_reload_adds_changes_and_removes_servers(
     srvid = repo.register(remote, alias="added", frequency=5)
     reload = ask(repo, "RELOAD", timeout=10)
     assert (reload.status, reload.data) == ("OK", "OK")
-    # answered once it is done: the new worker is there already
-    assert running.state(f"worker_{srvid}") in ("STARTING", "RUNNING")
+    # answered when done, or after 0.5 s once the files are accepted (the rest goes on)
+    wait_for(lambda: running.state(f"worker_{srvid}") in ("STARTING", "RUNNING"), 30,
+             "the added server's program")
     wait_for(lambda: repo.snapshots(srvid) >= 1, 12, "the added server snapshotting")
     assert workers_status(repo, str(srvid)) == {str(srvid): "running"}
     assert {name: running.pid(name) for name in WORKERS} == pids
@@ -146,7 +147,7 @@ def test_reload_adds_changes_and_removes_servers(
     # a deleted server: its program goes
     repo.execute("SELECT powa_delete_and_purge_server(%s)", (srvid,))
     assert ask(repo, "RELOAD", timeout=10).status == "OK"
-    assert running.state(f"worker_{srvid}") is None
+    wait_for(lambda: running.state(f"worker_{srvid}") is None, 30, "its program removed")
     assert str(srvid) not in workers_status(repo)
     # SIGHUP to the control process is a RELOAD too
     repo.set_frequency(9, 3)
