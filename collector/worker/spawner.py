@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 #: seconds a forked child waits for the request it was forked for
 REQUEST_WAIT = 10.0
+#: pause after a failed accept or fork (out of descriptors or processes)
+ERROR_PAUSE = 0.1
 #: the largest request (command line and environment) a child reads
 MAX_REQUEST = 1 << 20
 #: what a worker imports only when it first connects or snapshots: imported here,
@@ -114,19 +116,32 @@ class Spawner:
         """Fork a child per accepted connection of this user, until SIGTERM or SIGINT."""
         uid = os.getuid()
         while True:
-            conn, _ = self.listener.accept()
-            pid, peer_uid, _gid = _PEERCRED.unpack(
-                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-            if peer_uid != uid:
-                log.warning("request from pid %d of uid %d refused (not this fleet's user)",
-                            pid, peer_uid)
-                conn.close()
+            try:
+                conn, _ = self.listener.accept()
+            except OSError as exc:
+                # out of descriptors, a client gone before accept: never a crash loop
+                log.warning("cannot accept a spawn request: %s", exc)
+                time.sleep(ERROR_PAUSE)
                 continue
-            sys.stdout.flush()
-            sys.stderr.flush()
-            if os.fork() == 0:
-                child(conn, self.listener, pid)  # never returns
-            conn.close()
+            with conn:
+                try:
+                    self._serve_one(conn, uid)
+                except OSError as exc:
+                    # out of processes or memory: the stand-in runs its worker itself
+                    log.warning("spawn request not served: %s", exc)
+                    time.sleep(ERROR_PAUSE)
+
+    def _serve_one(self, conn: socket.socket, uid: int) -> None:
+        pid, peer_uid, _gid = _PEERCRED.unpack(
+            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        if peer_uid != uid:
+            log.warning("request from pid %d of uid %d refused (not this fleet's user)",
+                        pid, peer_uid)
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if os.fork() == 0:
+            child(conn, self.listener, pid)  # never returns
 
     def close(self) -> None:
         self.listener.close()
