@@ -8,7 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +73,26 @@ def forked_workers(spawner: int) -> dict[int, int]:
         if comm.startswith("worker_") and comm.removeprefix("worker_").isdigit():
             found[int(comm.removeprefix("worker_"))] = int(child)
     return found
+
+
+class ForkedWorkers:
+    """The processes of each worker: supervisord's (the stand-in) and the spawner's child.
+
+    ``spawner_pid`` tells the spawner's pid (None: no spawner); the children
+    are read again whenever a worker's is not found, or is gone.
+    """
+
+    def __init__(self, spawner_pid: Callable[[], int | None]) -> None:
+        self.spawner_pid = spawner_pid
+        self.forked: dict[int, int] = {}
+
+    def pids(self, srvid: int, program_pid: int) -> list[int]:
+        forked = self.forked.get(srvid)
+        if forked is None or not Path(f"/proc/{forked}").exists():
+            spawner = self.spawner_pid()
+            self.forked = forked_workers(spawner) if spawner else {}
+            forked = self.forked.get(srvid)
+        return [program_pid] if forked is None else [program_pid, forked]
 
 
 def percentile(values: Sequence[float], q: float) -> float:

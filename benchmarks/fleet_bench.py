@@ -36,7 +36,7 @@ import psycopg
 
 from benchmarks.common import (
     ROOT,
-    forked_workers,
+    ForkedWorkers,
     header,
     median,
     ms,
@@ -148,14 +148,11 @@ class Fleet:
     def worker_pss(self) -> list[int]:
         """PSS of each worker: supervisord's process, plus the worker the spawner forked."""
         processes = self.rpc.all_processes()
-        spawner = processes.get(SPAWNER, {}).get("pid")
-        forked = forked_workers(int(spawner)) if spawner else {}
+        workers = ForkedWorkers(lambda: processes.get(SPAWNER, {}).get("pid") or None)
         sizes = []
         for name, info in processes.items():
             if name.startswith("worker_") and info["pid"]:
-                pids = [int(info["pid"])]
-                if int(name.removeprefix("worker_")) in forked:
-                    pids.append(forked[int(name.removeprefix("worker_"))])
+                pids = workers.pids(int(name.removeprefix("worker_")), int(info["pid"]))
                 try:
                     sizes.append(sum(pss_kib(pid) for pid in pids))
                 except (OSError, ValueError):

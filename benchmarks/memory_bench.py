@@ -33,7 +33,7 @@ from pathlib import Path
 
 import simplejson as json
 
-from benchmarks.common import ROOT, forked_workers, header, median, table
+from benchmarks.common import ROOT, ForkedWorkers, header, median, table
 from benchmarks.fleet_bench import Fleet, make_remotes, register
 from collector import config
 from collector.cli.client import Client
@@ -133,20 +133,6 @@ def cpu_ms(pids: list[int]) -> float:
     return total
 
 
-class Workers:
-    """The processes of each worker: supervisord's, and the one the spawner forked, if any."""
-
-    def __init__(self, fleet: Fleet) -> None:
-        self.fleet = fleet
-        self.forked: dict[int, int] = {}
-
-    def pids(self, srvid: int, pid: int) -> list[int]:
-        if self.forked.get(srvid) is None or not Path(f"/proc/{self.forked[srvid]}").exists():
-            spawner = self.fleet.rpc.all_processes().get(SPAWNER, {}).get("pid")
-            self.forked = forked_workers(int(spawner)) if spawner else {}
-        return [pid, self.forked[srvid]] if srvid in self.forked else [pid]
-
-
 def documents(url: str, prefix: str, srvids: list[int]) -> dict[int, dict[str, object]]:
     conn = redis_client(url)
     try:
@@ -161,7 +147,7 @@ def documents(url: str, prefix: str, srvids: list[int]) -> dict[int, dict[str, o
 
 
 def first_statuses(url: str, prefix: str, srvids: list[int], timeout: float,
-                   workers: Workers) -> dict[int, float]:
+                   workers: ForkedWorkers) -> dict[int, float]:
     """Each worker's CPU (ms) when its status first appears."""
     seen: dict[int, float] = {}
     deadline = time.monotonic() + timeout
@@ -180,7 +166,8 @@ def first_statuses(url: str, prefix: str, srvids: list[int], timeout: float,
 def measure(base: Path, repo: sandbox.Cluster, redis_url: str, srvids: list[int],
             variant: Variant, settle: float) -> Measure:
     fleet = Fleet(base / f"fleet-{variant.name}", repo, redis_url, spawner=variant.spawner)
-    workers = Workers(fleet)
+    workers = ForkedWorkers(
+        lambda: fleet.rpc.all_processes().get(SPAWNER, {}).get("pid") or None)
     fleet.generate()
     rewrite_programs(fleet.dir, variant)
     cfg = config.load(fleet.cfg)

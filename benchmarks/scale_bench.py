@@ -47,7 +47,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import forked_workers, header, median, ms, percentile, table
+from benchmarks.common import ForkedWorkers, header, median, ms, percentile, table
 from benchmarks.fleet_bench import Fleet, latency_row, make_remotes, register, round_trips
 from collector import config
 from collector.cli.client import Client
@@ -139,8 +139,7 @@ class Host:
         self.redis_server = redis_server
         self.prefix = config.load(fleet.cfg).redis.prefix
         self.redis = redis_client(redis_server.url, socket_timeout=10)
-        #: srvid -> pid of its forked worker, refreshed when one is not found
-        self._forked: dict[int, int] = {}
+        self.workers = ForkedWorkers(lambda: self.pids().get(SPAWNER))
         #: srvid -> (PSS, anonymous PSS) of the program's process alone, its last reading
         self.stand_ins: dict[int, tuple[int, int]] = {}
 
@@ -150,16 +149,12 @@ class Host:
         With the spawner, supervisord's process is the worker's stand-in
         (collector.worker.stub) and the worker is the spawner's child; both count.
         """
+        pids = self.workers.pids(srvid, pid)
         stand_in = smaps(pid)
-        forked = self._forked.get(srvid)
-        if forked is None or not Path(f"/proc/{forked}").exists():
-            spawner = self.pids().get(SPAWNER)
-            self._forked = forked_workers(spawner) if spawner else {}
-            forked = self._forked.get(srvid)
-        if forked is None:
+        if len(pids) == 1:
             return stand_in
         self.stand_ins[srvid] = stand_in
-        worker = smaps(forked)
+        worker = smaps(pids[1])
         return stand_in[0] + worker[0], stand_in[1] + worker[1]
 
     def documents(self, srvids: Sequence[int]) -> dict[int, dict[str, Any]]:
