@@ -148,24 +148,47 @@ def test_the_event_listener_writes_what_happened_while_redis_was_away(fleet: Fle
 def test_the_event_listener_writes_events_before_supervisord_answers(
     fleet: Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A fleet starting: the table comes from events first, supervisord's read replaces it later."""
+    """A fleet starting: the table comes from events first, supervisord's read replaces it later.
+
+    supervisord busy starting hundreds of programs answers its XML-RPC late:
+    the read runs beside the events, which are written meanwhile.
+    """
     cfg = config.load(fleet.cfg_path)
     key = keys.programs_key(fleet.prefix, cfg.fleet.host)
+    answer = {
+        "worker_1": {"statename": "RUNNING", "pid": 11, "start": 1.0},
+        "worker_2": {"statename": "RUNNING", "pid": 12, "start": 2.0},
+        "worker_3": {"statename": "STARTING", "pid": 0, "start": 3.0},
+    }
+    asked, release = threading.Event(), threading.Event()
+
+    def slow_supervisord(self: Supervisor) -> dict[str, dict[str, object]]:
+        asked.set()
+        release.wait(30)
+        return answer
+
+    monkeypatch.setattr(Supervisor, "all_processes", slow_supervisord)
     with fleet.redis() as client:
         client.hset(key, "worker_99", '{"state": "RUNNING", "pid": 99, "since": 0}')
         table = programs.Table(cfg)
-        table.update("worker_1", {"state": "STARTING", "pid": 11, "since": 1.0})
+        table.update("worker_1", {"state": "STARTING", "pid": 0, "since": 1.0})
         # readers trust it at once, and what an earlier listener left stays until the read
         assert set(client.hkeys(key)) == {b"worker_1", b"worker_99"}
         assert client.exists(keys.alive_key(fleet.prefix, cfg.fleet.host))
-        answer = {
-            "worker_1": {"statename": "RUNNING", "pid": 11, "start": 1.0},
-            "worker_2": {"statename": "RUNNING", "pid": 12, "start": 2.0},
-        }
-        monkeypatch.setattr(Supervisor, "all_processes", lambda self: answer)
+        started = time.monotonic()
         table.tick()
-        assert set(client.hkeys(key)) == {b"worker_1", b"worker_2"}
+        assert asked.wait(5)
+        # supervisord has not answered: events go on, and nothing waited for it
+        table.update("worker_3", {"state": "RUNNING", "pid": 13, "since": 4.0})
+        assert time.monotonic() - started < 1
+        assert b'"RUNNING"' in (client.hget(key, "worker_3") or b"")
+        release.set()
+        wait_for(lambda: table.answers.qsize() > 0, 5, "supervisord's answer")
+        table.tick()
+        assert set(client.hkeys(key)) == {b"worker_1", b"worker_2", b"worker_3"}
         assert b'"RUNNING"' in (client.hget(key, "worker_1") or b"")
+        # worker_3's event came while the read was under way: the event's state stays
+        assert b'"pid": 13' in (client.hget(key, "worker_3") or b"")
         client.delete(key)
 
 

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import queue
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -43,6 +45,8 @@ log = logging.getLogger("collector.fleet.programs")
 TABLE_TTL = 300
 #: the table is read again from supervisord every this many ticks (of 5 s)
 RESYNC_TICKS = 12
+#: a read of supervisord's table gives up after this (it runs beside the events)
+SEED_TIMEOUT = 60.0
 
 
 def state_from_event(event: str, headers: dict[str, str]) -> tuple[str, dict[str, Any]] | None:
@@ -80,18 +84,47 @@ class Table:
         self.seeded = False
         self.failing = False
         self.ticks = 0
+        #: a read of supervisord's table is under way; its answer (None: failed)
+        self.reading = False
+        self.answers: queue.SimpleQueue[dict[str, dict[str, Any]] | None] = queue.SimpleQueue()
+        #: programs an event spoke of since that read was asked
+        self.touched: set[str] = set()
 
-    def seed(self) -> bool:
-        """The whole table from supervisord: at start, every minute, after a Redis outage.
+    def request_seed(self) -> None:
+        """Ask supervisord for its whole table, in a thread: events never wait on it.
 
-        supervisord's answer is newer than every event received so far (events
-        still queued for this listener come after it, in order).  False when
-        supervisord could not be asked.
+        While supervisord starts hundreds of programs its XML-RPC answers after
+        tens of seconds; meanwhile events go on being acknowledged and written.
+        The answer is applied by ``take_seed`` (at the next event or tick).
         """
+        if self.reading:
+            return
+        self.reading = True
+        self.touched = set()
+        threading.Thread(target=self._read, name="seed", daemon=True).start()
+
+    def _read(self) -> None:
         try:
-            processes = Supervisor(self.cfg.supervisor_socket, timeout=30).all_processes()
+            processes = Supervisor(self.cfg.supervisor_socket, timeout=SEED_TIMEOUT).all_processes()
         except SupervisorError as exc:
             log.warning("cannot read the process table: %s", exc)
+            self.answers.put(None)
+            return
+        self.answers.put(processes)
+
+    def take_seed(self) -> bool:
+        """Apply supervisord's table if it came; True when it did (and was written).
+
+        Events received while the read was under way may be newer than the
+        answer or older: their programs keep what the events said, since every
+        event supervisord sends comes in order, and the next read checks again.
+        """
+        try:
+            processes = self.answers.get_nowait()
+        except queue.Empty:
+            return False
+        self.reading = False
+        if processes is None:
             return False
         now = round(time.time(), 3)
         seeded = {
@@ -99,6 +132,11 @@ class Table:
                    "since": float(info.get("start") or now)}
             for name, info in processes.items()
         }
+        for name in self.touched:
+            if name in self.states:
+                seeded[name] = self.states[name]
+            else:
+                seeded.pop(name, None)
         if not self.seeded:
             # the first read: what an earlier listener left in Redis goes (see flush)
             self.rewrite = True
@@ -114,8 +152,9 @@ class Table:
     def tick(self) -> None:
         """Every five seconds: readers learn the table is kept current."""
         self.ticks += 1
-        resync = not self.seeded or self.ticks % RESYNC_TICKS == 0
-        if not (resync and self.seed()):
+        if not self.seeded or self.ticks % RESYNC_TICKS == 0:
+            self.request_seed()
+        if not self.take_seed():
             # without supervisord's table, what the events said is still worth writing
             self.flush()
         if not self.failing:
@@ -125,7 +164,9 @@ class Table:
                 self.rewrite = True
 
     def update(self, name: str, state: dict[str, Any]) -> None:
+        self.take_seed()
         self.states[name] = state
+        self.touched.add(name)
         self.changed.add(name)
         self.removed.discard(name)
         if not self.failing:
@@ -133,6 +174,8 @@ class Table:
 
     def remove(self, name: str) -> None:
         """A group supervisord no longer has (removed by an update)."""
+        self.take_seed()
+        self.touched.add(name)
         if self.states.pop(name, None) is not None:
             self.changed.discard(name)
             self.removed.add(name)
@@ -180,10 +223,10 @@ class Table:
 def serve(table: Table, stdin: TextIO, stdout: TextIO) -> None:
     """The eventlistener protocol loop: every event is acknowledged at once.
 
-    The table is read from supervisord at the first tick, not before the first
-    event: while supervisord starts hundreds of programs its XML-RPC answers
-    after tens of seconds, and meanwhile the events alone keep the table (and
-    so the control's answers) current.
+    The table is read from supervisord at the first tick, in a thread of its
+    own (Table.request_seed): while supervisord starts hundreds of programs its
+    XML-RPC answers after tens of seconds, and meanwhile the events alone keep
+    the table (and so the control's answers) current.
     """
     while True:
         try:
