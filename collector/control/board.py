@@ -31,6 +31,8 @@ DISABLED = "disabled"
 FRESH_NS = 1_000_000_000
 STUCK = "stuck: running, but its status heartbeat in Redis expired"
 STARTING = "starting"
+#: seconds each call to supervisord may take
+SUPERVISOR_TIMEOUT = 10.0
 
 
 _PROGRAM_STATES = {
@@ -89,6 +91,8 @@ class StatusBoard:
         self._servers: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())
         # the control's main thread and its live board both ask
         self._lock = threading.Lock()
+        #: monotonic time supervisord last failed to answer (None: it answered)
+        self.supervisor_failed_at: float | None = None
 
     def servers(self) -> tuple[frozenset[int], frozenset[int]]:
         """(available, enabled) server ids, read again when the directories change.
@@ -123,14 +127,20 @@ class StatusBoard:
                 found[srvid] = document
         return found
 
-    def views(self, srvid: int | None = None) -> list[WorkerView]:
-        """Every server of the fleet (or just ``srvid``; none if it is not in the fleet)."""
+    def views(self, srvid: int | None = None, *, timeout: float | None = SUPERVISOR_TIMEOUT,
+              ) -> list[WorkerView]:
+        """Every server of the fleet (or just ``srvid``; none if it is not in the fleet).
+
+        ``timeout`` bounds each call to supervisord; None: supervisord is not
+        asked, its programs are reported ``unknown: supervisord unavailable``.
+        """
         available, enabled = self.servers()
         ids = sorted(available) if srvid is None else ([srvid] if srvid in available else [])
         if not ids:
             return []
         wanted = [s for s in ids if s in enabled]
-        processes = self._processes(wanted, single=srvid is not None)
+        processes = (None if timeout is None
+                     else self._processes(wanted, single=srvid is not None, timeout=timeout))
         try:
             documents = self.documents(wanted)
             redis_problem = None
@@ -161,23 +171,28 @@ class StatusBoard:
             ))
         return views
 
-    def _processes(self, wanted: list[int], single: bool) -> dict[str, dict[str, Any]] | None:
+    def _processes(self, wanted: list[int], single: bool, timeout: float,
+                   ) -> dict[str, dict[str, Any]] | None:
         try:
-            supervisor = Supervisor(self.cfg.supervisor_socket, timeout=10)
+            supervisor = Supervisor(self.cfg.supervisor_socket, timeout=timeout)
             if not single:
-                return supervisor.all_processes()
-            infos = {}
-            for srvid in wanted:
-                info = supervisor.process(program_name(srvid))
-                if info is not None:
-                    infos[info["name"]] = info
-            return infos
+                infos = supervisor.all_processes()
+            else:
+                infos = {}
+                for srvid in wanted:
+                    info = supervisor.process(program_name(srvid))
+                    if info is not None:
+                        infos[info["name"]] = info
         except SupervisorError as exc:
+            self.supervisor_failed_at = time.monotonic()
             log.warning("cannot read process states: %s", exc)
             return None
+        self.supervisor_failed_at = None
+        return infos
 
-    def statuses(self, srvid: int | None = None) -> dict[int, str]:
-        return {view.srvid: view.status for view in self.views(srvid)}
+    def statuses(self, srvid: int | None = None, *,
+                 timeout: float | None = SUPERVISOR_TIMEOUT) -> dict[int, str]:
+        return {view.srvid: view.status for view in self.views(srvid, timeout=timeout)}
 
     def close(self) -> None:
         self.redis.close()

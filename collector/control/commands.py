@@ -1,8 +1,9 @@
 """The control's answers to WORKERS_STATUS, FORCE_SNAPSHOT and REFRESH_DB_CAT.
 
-WORKERS_STATUS of a whole fleet comes from the live board (Redis channels,
-no supervisord call) and is cached while nothing changes; one server's from
-the live board too when it is complete, else from supervisord and Redis.
+WORKERS_STATUS comes from the live board (Redis channels, no supervisord
+call) while its picture is complete, the whole fleet's cached while nothing
+changes; else from supervisord and Redis, each call bounded and not repeated
+for a while after a failure (``_direct``).
 FORCE_SNAPSHOT and REFRESH_DB_CAT are checked here (server known, enabled,
 its program running) and asked to the worker through the mailbox, whose
 answer is the protocol's answer.  RELOAD is the reload thread's.
@@ -10,6 +11,7 @@ answer is the protocol's answer.  RELOAD is the reload thread's.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from collector import mailbox
@@ -25,6 +27,10 @@ from collector.syncredis import redis
 
 #: how long FORCE_SNAPSHOT and REFRESH_DB_CAT wait for the worker's answer
 WORKER_REPLY_TIMEOUT = 1.0
+#: seconds a request may wait on supervisord (powa-web gives up after 3 s)
+DIRECT_TIMEOUT = 2.0
+#: after supervisord failed to answer a request, it is not asked again for this long
+DIRECT_RETRY = 15.0
 
 
 class Commands:
@@ -54,19 +60,39 @@ class Commands:
         if wanted is not None and wanted in others:
             return "OK", protocol.workers_status_json(self._remote({wanted: others[wanted]}),
                                                       self._room(request))
-        statuses = None if wanted is not None else self.live.statuses()
-        if statuses is None:
-            # one server, or the live picture is incomplete: ask supervisord and Redis now
-            statuses = self.board.statuses(wanted)
-        elif statuses is self._fleet_answer[0] and not others:
+        live = self.live.statuses()
+        if live is None:
+            # the live picture is incomplete: ask supervisord and Redis now
+            statuses = self._direct(wanted)
+        elif wanted is not None:
+            statuses = {wanted: live[wanted]} if wanted in live else {}
+        elif live is self._fleet_answer[0] and not others:
             # unchanged since the last request: the live board hands the same dict back
             return "OK", self._fleet_answer[1]
+        else:
+            statuses = live
         if wanted is None and others:
             statuses = {**self._remote(others), **statuses}
         data = protocol.workers_status_json(statuses, self._room(request))
-        if wanted is None and not others:
-            self._fleet_answer = (statuses, data)
+        if live is not None and wanted is None and not others:
+            self._fleet_answer = (live, data)
         return "OK", data
+
+    def _direct(self, wanted: int | None) -> dict[int, str]:
+        """Statuses read from supervisord and Redis, in the request's own time.
+
+        Each call to supervisord is bounded by DIRECT_TIMEOUT; once it failed,
+        it is not asked again for DIRECT_RETRY seconds (its programs are then
+        ``unknown: supervisord unavailable``): a hung supervisord never holds
+        the control's loop for more than one timeout in a while.
+        """
+        return self.board.statuses(wanted, timeout=self._supervisor_timeout())
+
+    def _supervisor_timeout(self) -> float | None:
+        failed = self.board.supervisor_failed_at
+        if failed is not None and time.monotonic() - failed < DIRECT_RETRY:
+            return None
+        return DIRECT_TIMEOUT
 
     @staticmethod
     def _room(request: Request) -> int:
@@ -119,7 +145,7 @@ class Commands:
                            args=dbnames)
 
     def _view(self, srvid: int) -> WorkerView:
-        views = self.board.views(srvid)
+        views = self.board.views(srvid, timeout=self._supervisor_timeout())
         if not views:
             raise ProtocolError(f"Server id {srvid} not found")
         return views[0]
