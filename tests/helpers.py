@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 import redis
 import simplejson as json
 from psycopg import sql
 
+from collector import repository
 from collector.cli.client import Client
+from collector.control.admission import permission
 from collector.demo import sandbox
 from collector.pg import Conn
 
@@ -279,3 +282,25 @@ def polled_status(dsn: str, *srvid: str) -> dict[str, str]:
     if not answers or answers[0].status != "OK":
         return {}
     return json.loads(answers[0].data)  # type: ignore[no-any-return]
+
+
+def permission_verdicts(repo: Repo, granted: str) -> dict[str, bool | None]:
+    """The control's admission check (collector.control.admission) of real sessions.
+
+    ``granted``: the role a new role ``allowed`` is made a member of.
+    """
+    repo.execute("CREATE ROLE viewer LOGIN")
+    repo.execute(f'CREATE ROLE allowed LOGIN IN ROLE "{granted}"')
+    with repo.connect() as control:
+        control.autocommit = True
+        powa = repository.require_powa(control)
+        verdicts: dict[str, bool | None] = {}
+        for role in ("postgres", "viewer", "allowed"):
+            with psycopg.connect(repo.cluster.dsn(user=role)) as session:
+                verdicts[role] = permission(control, powa, session.info.backend_pid)
+                pid = session.info.backend_pid
+        # the last session ended: its pid names no backend
+        wait_for(lambda: repo.one("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                  (pid,)) == 0, 5, "the session to end")
+        verdicts["gone"] = permission(control, powa, pid)
+    return verdicts

@@ -24,7 +24,15 @@ from collector.control.board import StatusBoard
 from collector.control.liveboard import LiveBoard
 from collector.demo import sandbox
 from tests.conftest import Supervisord, start_supervisord
-from tests.helpers import PYTHON, ROOT, Fleet, Repo, polled_status, wait_for
+from tests.helpers import (
+    PYTHON,
+    ROOT,
+    Fleet,
+    Repo,
+    permission_verdicts,
+    polled_status,
+    wait_for,
+)
 
 WORKERS = ("worker_1", "worker_2", "worker_3")
 
@@ -171,6 +179,12 @@ def test_permission_denied_for_roles_that_cannot_signal(
         else:
             assert answers[0].status == "OK"
             assert reload[0].status == "OK"
+
+
+def test_admission_tells_allowed_refused_and_gone_senders(repo: Repo) -> None:
+    # a sender gone before its request is read gets no answer and no refusal logged
+    assert permission_verdicts(repo, "pg_signal_backend") == {
+        "postgres": True, "viewer": False, "allowed": True, "gone": None}
 
 
 def test_listening_again_after_the_connection_is_killed(

@@ -19,7 +19,7 @@ from collector.worker.remote import RemoteSession
 from collector.worker.sources import DbSource, render_cleanup
 from collector.worker.streaming import Spool
 from tests.conftest import POWA5_WORKLOAD, Supervisord
-from tests.helpers import Fleet, Repo, wait_for
+from tests.helpers import Fleet, Repo, permission_verdicts, wait_for
 from tests.powa5 import (
     SHOP,
     filled_tables,
@@ -329,6 +329,11 @@ def test_powa_signal_backend_members_get_answers_others_are_denied(
     denied = ask(nobody, "WORKERS_STATUS")
     assert (denied.status, denied.data) == ("ERROR", "Permission denied")
     assert ask(nobody, "REFRESH_DB_CAT", "1", "0").data == "Permission denied"
+
+
+def test_admission_on_powa5_tells_allowed_refused_and_gone_senders(powa5_repo: Repo) -> None:
+    assert permission_verdicts(powa5_repo, "powa_signal_backend") == {
+        "postgres": True, "viewer": False, "allowed": True, "gone": None}
 
 
 # ---------------------------------------------------------------- pure logic

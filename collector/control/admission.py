@@ -9,6 +9,8 @@ powa-web's answers:
   the old one ended; the cache forgets it soon after);
 * in every batch of notifications read together, privileged requests are
   served first, and identical requests of one session are served once;
+* a request whose backend is gone by the time it is read is dropped: no one
+  listens for its answer, and it says nothing of its role;
 * a refused backend gets its ``ERROR Permission denied`` at most
   ``REFUSALS`` times per ``REFUSAL_EVERY`` seconds (a person clicking gets
   every answer, a flood does not); what it sends beyond is dropped and
@@ -66,14 +68,18 @@ class _Refused:
 
 @dataclass
 class Admission:
-    check: Callable[[int], bool]
+    #: True: allowed, False: refused, None: the backend is gone
+    check: Callable[[int], bool | None]
     clock: Callable[[], float] = time.monotonic
     _verdicts: dict[int, tuple[bool, float]] = field(default_factory=dict)
     _refused: dict[int, _Refused] = field(default_factory=dict)
     #: requests dropped since the start (refused backends flooding)
     dropped: int = 0
+    #: requests dropped since the start because their backend was gone
+    orphans: int = 0
 
-    def allowed(self, pid: int) -> bool:
+    def allowed(self, pid: int) -> bool | None:
+        """May this backend send requests?  None: it is gone (never cached)."""
         now = self.clock()
         cached = self._verdicts.get(pid)
         if cached is not None and now - cached[1] < TTL:
@@ -81,7 +87,8 @@ class Admission:
         if len(self._verdicts) >= MAX_ENTRIES:
             self._forget(now)
         verdict = self.check(pid)
-        self._verdicts[pid] = (verdict, now)
+        if verdict is not None:
+            self._verdicts[pid] = (verdict, now)
         return verdict
 
     def sort(self, batch: Iterable[Incoming]) -> tuple[list[Incoming], list[Incoming]]:
@@ -93,7 +100,13 @@ class Admission:
             if item in seen:
                 continue
             seen.add(item)
-            (privileged if self.allowed(item.pid) else refused).append(item)
+            verdict = self.allowed(item.pid)
+            if verdict is None:
+                self.orphans += 1
+                log.debug("request from pid %d dropped: its session ended before it was read",
+                          item.pid)
+                continue
+            (privileged if verdict else refused).append(item)
         return privileged, refused
 
     def answer_refusal(self, pid: int) -> bool:
@@ -121,8 +134,8 @@ class Admission:
                          if now - r.answered_at < LOG_EVERY}
 
 
-def permission(conn: Conn, powa: PowaExtension, pid: int) -> bool:
-    """May the sending backend's role send requests?
+def permission(conn: Conn, powa: PowaExtension, pid: int) -> bool | None:
+    """May the sending backend's role send requests?  None: that backend is gone.
 
     Members of ``pg_signal_backend`` (PostgreSQL 14+) and, on PoWA 5, of
     the roles ``powa_roles`` maps ``powa_signal_backend``,
@@ -133,18 +146,19 @@ def permission(conn: Conn, powa: PowaExtension, pid: int) -> bool:
     if powa.major >= 5:
         # roles by oid, and only those that exist: a powa_roles row may name none yet
         query = sql.SQL(
-            "SELECT pg_catalog.bool_or(pg_catalog.pg_has_role(a.usesysid, r.oid, 'USAGE'))"
-            " FROM pg_catalog.pg_stat_activity a CROSS JOIN pg_catalog.pg_roles r"
-            " WHERE a.pid = %s AND (r.rolname::text = ANY (%s::text[])"
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_roles r"
+            " WHERE (r.rolname::text = ANY (%s::text[])"
             " OR r.rolname IN (SELECT p.rolname FROM {} p"
             " WHERE p.powa_role::text = ANY (%s::text[])))"
+            " AND pg_catalog.pg_has_role(a.usesysid, r.oid, 'USAGE'))"
+            " FROM pg_catalog.pg_stat_activity a WHERE a.pid = %s"
         ).format(powa.name("powa_roles"))
-        row = conn.execute(query, (pid, predefined, list(protocol.POWA_ROLES))).fetchone()
+        row = conn.execute(query, (predefined, list(protocol.POWA_ROLES), pid)).fetchone()
     elif predefined:
         row = conn.execute(_PERMISSION_14, (pid,)).fetchone()
     else:
         # the quoted name as text: has_table_privilege parses it like SQL would
         table = sql.Literal(powa.name("powa_statements").as_string(conn))
         row = conn.execute(_PERMISSION_OLD.format(table), (pid,)).fetchone()
-    # no row: the sender is gone, deny
-    return bool(row and row[0] is True)
+    # no row: the sender is gone
+    return None if row is None else row[0] is True

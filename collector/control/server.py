@@ -287,7 +287,7 @@ class Control:
             log.warning("%s refused: %s", request.command, reason)
             return "ERROR", reason
 
-    def allowed(self, pid: int) -> bool:
+    def allowed(self, pid: int) -> bool | None:
         assert self.conn is not None and self.powa is not None
         return permission(self.conn, self.powa, pid)
 

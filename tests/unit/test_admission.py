@@ -45,3 +45,24 @@ def test_a_refused_backend_is_answered_a_few_times_a_second_the_rest_dropped() -
     clock.now += REFUSAL_EVERY
     assert admission.answer_refusal(9)
     assert admission.dropped == 2
+
+
+def test_a_request_whose_sender_is_gone_is_dropped_and_never_cached() -> None:
+    gone = {9}
+    asked: list[int] = []
+
+    def check(pid: int) -> bool | None:
+        asked.append(pid)
+        return None if pid in gone else True
+
+    admission = Admission(check, Clock())
+    privileged, refused = admission.sort([Incoming(9, "WORKERS_STATUS r1"),
+                                          Incoming(7, "WORKERS_STATUS r2")])
+    assert privileged == [Incoming(7, "WORKERS_STATUS r2")]
+    assert refused == []
+    assert admission.orphans == 1
+    # a new backend may take the pid at once: it is asked about, not dropped
+    gone.clear()
+    privileged, _ = admission.sort([Incoming(9, "WORKERS_STATUS r3")])
+    assert privileged == [Incoming(9, "WORKERS_STATUS r3")]
+    assert asked == [9, 7, 9]
