@@ -58,26 +58,31 @@ class PowaExtension:
         return sql.Identifier(self.schema, *parts)
 
 
-def set_lock_timeout(conn: Conn) -> None:
+def lock_limits() -> sql.Composed:
     """The session's server-side limits, each unless one is configured already.
 
     Upstream's ``lock_timeout``; and ``idle_in_transaction_session_timeout``:
     a process that can no longer drive its transaction (frozen, swapped out,
     cut off) has it rolled back by the server, its locks released, within
     ``IDLE_IN_TRANSACTION_MS`` (the snapshot it was taking is lost whole).
+    Literal values: it may be sent with other statements in one round trip.
     """
-    conn.execute(
+    return sql.SQL(
         "SELECT pg_catalog.set_config(s.name, v.setting, false) FROM pg_catalog.pg_settings s"
-        " JOIN (VALUES ('lock_timeout', %s), ('idle_in_transaction_session_timeout', %s))"
-        " AS v(name, setting) ON v.name = s.name WHERE s.setting = '0'",
-        (str(LOCK_TIMEOUT_MS), str(IDLE_IN_TRANSACTION_MS)),
-    )
+        " JOIN (VALUES ('lock_timeout', {}), ('idle_in_transaction_session_timeout', {}))"
+        " AS v(name, setting) ON v.name = s.name WHERE s.setting = '0'"
+    ).format(sql.Literal(str(LOCK_TIMEOUT_MS)), sql.Literal(str(IDLE_IN_TRANSACTION_MS)))
 
 
-def set_statement_timeout(conn: Conn, seconds: float) -> None:
-    """A server-side bound on every statement of this session (0: none)."""
-    conn.execute("SELECT pg_catalog.set_config('statement_timeout', %s, false)",
-                 (str(int(seconds * 1000)),))
+def set_lock_timeout(conn: Conn) -> None:
+    """``lock_limits()`` on this session."""
+    conn.execute(lock_limits())
+
+
+def statement_timeout(seconds: float) -> sql.Composed:
+    """A server-side bound on every statement of the session (0: none)."""
+    return sql.SQL("SELECT pg_catalog.set_config('statement_timeout', {}, false)").format(
+        sql.Literal(str(int(seconds * 1000))))
 
 
 def cancel(conn: Conn) -> None:

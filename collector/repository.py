@@ -25,7 +25,7 @@ from psycopg import sql
 from collector import __version__, pg
 from collector.errors import RepositoryUnavailable, ServerDisabledError, UnknownServerError
 from collector.logs import one_line
-from collector.pg import KEEPALIVES, Conn, PowaExtension, powa_extension, set_lock_timeout
+from collector.pg import KEEPALIVES, Conn, PowaExtension, lock_limits, powa_extension
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,11 @@ class Server:
         return f"server {self.srvid} ({repr(self.hostname)[1:-1]}:{self.port})"
 
 
-_SECURE_SEARCH_PATH = """
-SELECT pg_catalog.set_config('search_path', 'pg_catalog', false)
-FROM pg_catalog.pg_extension
-WHERE extname = 'powa' AND pg_catalog.substring(extversion, '^[0-9]+')::int >= 5
-"""
+_SECURE_SEARCH_PATH = sql.SQL(
+    "SELECT pg_catalog.set_config('search_path', 'pg_catalog', false)"
+    " FROM pg_catalog.pg_extension"
+    " WHERE extname = 'powa' AND pg_catalog.substring(extversion, '^[0-9]+')::int >= 5"
+)
 
 
 def session_name(purpose: str) -> str:
@@ -81,13 +81,19 @@ def session_name(purpose: str) -> str:
     return f"powa-fleet {purpose}"[:63]
 
 
-def connect(dsn: str, purpose: str, connect_timeout: int = 10) -> Conn:
-    """Open a repository connection (not autocommit); RepositoryUnavailable on failure."""
+def connect(dsn: str, purpose: str, connect_timeout: int = 10, *,
+            statement_timeout: float | None = None) -> Conn:
+    """Open a repository connection (not autocommit); RepositoryUnavailable on failure.
+
+    Its settings (lock limits, search path, and ``statement_timeout`` seconds
+    if given) are sent in one round trip, outside any transaction: a worker
+    opens a session per snapshot, and each round trip costs it CPU.
+    """
     try:
         conn = psycopg.connect(
             dsn,
             hostaddr=pg.resolve_dsn(dsn, connect_timeout),
-            autocommit=False,
+            autocommit=True,
             application_name=session_name(purpose),
             connect_timeout=connect_timeout,
             client_encoding="UTF8",
@@ -95,10 +101,13 @@ def connect(dsn: str, purpose: str, connect_timeout: int = 10) -> Conn:
         )
     except psycopg.Error as exc:
         raise RepositoryUnavailable(f"cannot connect to the repository: {one_line(exc)}") from None
+    setup = [lock_limits(), _SECURE_SEARCH_PATH]
+    if statement_timeout is not None:
+        setup.append(pg.statement_timeout(statement_timeout))
     try:
-        set_lock_timeout(conn)
-        conn.execute(_SECURE_SEARCH_PATH)
-        conn.commit()
+        # no parameters: the statements go together, in one simple query
+        conn.execute(sql.SQL("; ").join(setup))
+        conn.autocommit = False
     except psycopg.Error as exc:
         conn.close()
         raise RepositoryUnavailable(f"repository session set-up failed: {one_line(exc)}") from None
@@ -106,9 +115,10 @@ def connect(dsn: str, purpose: str, connect_timeout: int = 10) -> Conn:
 
 
 @contextmanager
-def session(dsn: str, purpose: str, connect_timeout: int = 10) -> Iterator[Conn]:
+def session(dsn: str, purpose: str, connect_timeout: int = 10, *,
+            statement_timeout: float | None = None) -> Iterator[Conn]:
     """A repository connection closed on exit, whatever happens."""
-    conn = connect(dsn, purpose, connect_timeout)
+    conn = connect(dsn, purpose, connect_timeout, statement_timeout=statement_timeout)
     try:
         yield conn
     finally:

@@ -11,7 +11,7 @@ import time
 
 import psycopg
 
-from collector import pg, repository
+from collector import repository
 from collector.config import Config
 from collector.errors import (
     ConcurrentSnapshotError,
@@ -78,13 +78,12 @@ class Taker:
         assert self.link.session is not None
         srvid = self.state.srvid
         self.watchdog.arm(self.link.session, time.monotonic() + repository_budget(frequency))
+        # the watchdog cancels at the budget; the server ends what a frozen
+        # process left running (a COPY waiting for data) a minute later
         with repository.session(self.cfg.repository.dsn, f"worker {srvid}",
-                                self.cfg.repository.connect_timeout) as repo:
+                                self.cfg.repository.connect_timeout,
+                                statement_timeout=repository_budget(frequency) + 60) as repo:
             self.watchdog.watch_repository(repo)
-            # the watchdog cancels at the budget; the server ends what a frozen
-            # process left running (a COPY waiting for data) a minute later
-            pg.set_statement_timeout(repo, repository_budget(frequency) + 60)
-            repo.commit()
             snapshot = Snapshot(repo, self.link.session, srvid, budget=frequency,
                                 guard=self.watchdog, clear_stale=self.state.snapshots_ok == 0,
                                 refresh=self.refresh,
