@@ -150,7 +150,7 @@ def test_kill_9_mid_snapshot_leaves_nothing_behind(
     # the statements are copied, the slow source runs: kill the worker now
     with remote.connect() as conn:
         wait_for(lambda: conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY (SELECT%slow_src%'"
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%COPY (SELECT%slow_src%'"
         ).fetchone()[0], 20, "the slow source to run")  # type: ignore[index]
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -289,7 +289,7 @@ def test_sigterm_during_snapshot_rolls_back_and_exits_in_time(
     wait_for(lambda: repo.worker_sessions(srvid), 20, "the snapshot to start")
     with remote.connect() as conn:
         wait_for(lambda: conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY (SELECT%slow_src%'"
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%COPY (SELECT%slow_src%'"
         ).fetchone()[0], 20, "the slow source to run")  # type: ignore[index]
     started = time.monotonic()
     assert stop_process(process, timeout=30) == 0

@@ -294,7 +294,7 @@ def test_a_frozen_remote_cannot_stall_the_worker(
         # frozen in pg_sleep, where it holds no lock another snapshot would wait for
         backend = wait_for(lambda: conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
-            " AND query LIKE 'COPY (SELECT%%slow_src%%'",
+            " AND query LIKE '%%COPY (SELECT%%slow_src%%'",
             (f"powa-fleet worker {srvid}",),
         ).fetchone(), 20, "the worker's remote query")[0]
     # the remote backend stops answering, and cannot even be cancelled

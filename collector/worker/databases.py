@@ -59,7 +59,7 @@ from collector.logs import one_line
 from collector.pg import Conn
 from collector.worker.remote import RemoteSession
 from collector.worker.sources import DbSource, target_name
-from collector.worker.streaming import Guard, Load, Spool, command, savepoint
+from collector.worker.streaming import Guard, Load, Spool, command
 
 if TYPE_CHECKING:
     from collector.worker.snapshot import SnapshotResult
@@ -341,11 +341,9 @@ class DatabaseReader:
     def _copy(self, index: int, conn: Conn, dbname: str, source: DbSource, atomic: bool) -> None:
         """One source of one database (under a savepoint in a transaction); recorded if it fails."""
         self.copier.abort_if_cancelled()
-        isolated = savepoint(conn) if atomic else contextlib.nullcontext()
         try:
-            with isolated:
-                self.copier.guard.remote_statement()
-                self.spool.add(source.name, dbname, conn, self.queries[source.name])
+            self.copier.guard.remote_statement()
+            self.spool.add(source.name, dbname, conn, self.queries[source.name], savepoint=atomic)
         except psycopg.Error as exc:
             if conn.broken:
                 raise

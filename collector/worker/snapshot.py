@@ -62,7 +62,7 @@ from collector.worker import sources as discovery
 from collector.worker.databases import CatalogRefresh, DatabaseCopier, RefreshRequest, plan
 from collector.worker.remote import RemoteSession
 from collector.worker.sources import DbSource, Source
-from collector.worker.streaming import CHUNK_SIZE, Guard, Load, Spool, command, savepoint, store
+from collector.worker.streaming import CHUNK_SIZE, Guard, Load, Spool, command, store
 
 __all__ = ["CHUNK_SIZE", "Guard", "Snapshot", "SnapshotResult", "Source"]
 
@@ -484,9 +484,8 @@ class Reading:
             sql.Literal(self.snapshot.srvid), source.remote_function
         )
         try:
-            with savepoint(remote):
-                self.guard.remote_statement()
-                self.spool.add(_key(source), None, remote, query)
+            self.guard.remote_statement()
+            self.spool.add(_key(source), None, remote, query, savepoint=True)
         except psycopg.Error as exc:
             if remote.broken:
                 raise
