@@ -22,7 +22,10 @@ Then CPU (issue 14), measured from outside each process:
   its environment, its bytecode cache) beside upstream's daemon collecting an
   identical server, both every ``--cpu-frequency`` seconds: CPU of all
   threads (``/proc/PID/task/*/schedstat``) over ``--cpu-seconds`` divided by
-  the snapshots taken meanwhile, and each thread's CPU and wake-ups;
+  the snapshots taken meanwhile, and each thread's CPU and wake-ups; at
+  that frequency the worker keeps its repository session between snapshots
+  (``[repository] keep_session_below``), so a second one is measured with a
+  session per snapshot, as for servers collected every minute or less often;
 * ``python -m collector.worker --once`` against upstream's code taking one
   snapshot in a fresh process (upstream has no one-shot command): wall time
   from exec to exit, turn by turn on the same server.
@@ -303,12 +306,15 @@ def snapshot_count(repo: sandbox.Cluster) -> int:
     return int(row[0] or 0) if row else 0
 
 
-def fleet_cfg(base: Path, repo: sandbox.Cluster, redis_url: str, name: str) -> Path:
+def fleet_cfg(base: Path, repo: sandbox.Cluster, redis_url: str, name: str,
+              keep_session_below: int = 60) -> Path:
     directory = base / name
     directory.mkdir()
     path = directory / "collector.cfg"
-    path.write_text(f"[repository]\ndsn = {repo.dsn()}\n[redis]\nurl = {redis_url}\n"
-                    f"prefix = {name}\n[collector]\nlog_level = warning\n")
+    path.write_text(f"[repository]\ndsn = {repo.dsn()}\n"
+                    f"keep_session_below = {keep_session_below}\n"
+                    f"[redis]\nurl = {redis_url}\nprefix = {name}\n"
+                    "[collector]\nlog_level = warning\n")
     return path
 
 
@@ -372,7 +378,7 @@ def cpu_rounds(args: argparse.Namespace, base: Path, template: Path) -> str:
     """CPU per snapshot of scheduled workers (forked, alone) and upstream's daemon, same run."""
     redis_server = sandbox.RedisServer()
     redis_server.start()
-    who_all = ("forked", "alone", "theirs")
+    who_all = ("forked", "fresh", "alone", "theirs")
     clusters = {}
     for who in who_all:
         for part in ("repo", "remote"):
@@ -385,11 +391,18 @@ def cpu_rounds(args: argparse.Namespace, base: Path, template: Path) -> str:
             srvids[who] = sandbox.register_remote(conn, clusters[f"cpu-{who}-remote"],
                                                   frequency=args.cpu_frequency)
     forked_cfg = fleet_cfg(base, clusters["cpu-forked-repo"], redis_server.url, "cpu-forked")
+    # a session per snapshot, as for servers collected every minute or less often
+    fresh_cfg = fleet_cfg(base, clusters["cpu-fresh-repo"], redis_server.url, "cpu-fresh",
+                          keep_session_below=0)
     the_spawner = spawner(forked_cfg)
+    fresh_spawner = spawner(fresh_cfg)
     processes = {
         "powa-fleet worker, forked by the spawner": (
             scheduled_worker(forked_cfg, srvids["forked"], forked=True),
             clusters["cpu-forked-repo"], the_spawner.pid),
+        "... the same, a repository session per snapshot": (
+            scheduled_worker(fresh_cfg, srvids["fresh"], forked=True),
+            clusters["cpu-fresh-repo"], fresh_spawner.pid),
         "powa-fleet worker, alone": (
             scheduled_worker(fleet_cfg(base, clusters["cpu-alone-repo"], redis_server.url,
                                        "cpu-alone"), srvids["alone"], forked=False),
@@ -433,6 +446,7 @@ def cpu_rounds(args: argparse.Namespace, base: Path, template: Path) -> str:
         for process, _, _ in processes.values():
             sandbox.terminate(process, 30)
         sandbox.terminate(the_spawner, 30)
+        sandbox.terminate(fresh_spawner, 30)
         for cluster in clusters.values():
             cluster.stop()
         redis_server.stop()

@@ -46,6 +46,9 @@ class RepositoryConfig:
     # repr=False: DSNs and URLs may embed a password
     dsn: str = field(repr=False)
     connect_timeout: int = 10
+    #: a worker whose server is collected more often than this (seconds) keeps its
+    #: repository session between snapshots; others open one per snapshot
+    keep_session_below: int = 60
 
 
 @dataclass(frozen=True)
@@ -232,7 +235,7 @@ class _Reader:
     """Reads sections and keys while collecting every problem found."""
 
     SECTIONS: Mapping[str, frozenset[str]] = {
-        "repository": frozenset({"dsn", "connect_timeout"}),
+        "repository": frozenset({"dsn", "connect_timeout", "keep_session_below"}),
         "redis": frozenset({"url", "prefix", "status_ttl"}),
         "supervisor": frozenset({"http", "username", "password", "include"}),
         "collector": frozenset(
@@ -258,6 +261,7 @@ class _Reader:
         repository = RepositoryConfig(
             dsn=self._dsn(),
             connect_timeout=self._int("repository", "connect_timeout", 10, 1, 300),
+            keep_session_below=self._int("repository", "keep_session_below", 60, 0, 86400),
         )
         redis = RedisConfig(
             url=self._redis_url(),

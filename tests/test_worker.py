@@ -380,3 +380,51 @@ def test_two_workers_of_one_server_do_not_fight_over_its_status(fleet: Fleet, re
     # the first one stops: the second one takes the status over at once
     stop_process(first)
     wait_for(lambda: (fleet.status(srvid) or {}).get("pid") == second.pid, 15, "the second")
+
+
+def test_a_server_collected_often_keeps_its_repository_session(
+    fleet: Fleet, repo: Repo
+) -> None:
+    """Below [repository] keep_session_below sessions outlive snapshots; a dead one costs none."""
+    srvid = repo.srvids[0]
+    repo.set_frequency(5, srvid)
+
+    def backends() -> list[int]:
+        return [int(row[0]) for row in repo.all(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+            (f"powa-fleet worker {srvid}",))]
+
+    worker = fleet.start_worker(srvid)
+    try:
+        wait_for(lambda: repo.snapshots(srvid) >= 1, 15, "a first snapshot")
+        kept = backends()
+        # powa_take_snapshot renamed the session: it has its name back
+        assert len(kept) == 1, repo.all("SELECT application_name FROM pg_stat_activity")
+        count = repo.snapshots(srvid)
+        wait_for(lambda: repo.snapshots(srvid) > count, 10, "the next snapshot")
+        assert backends() == kept
+        # ended between snapshots (a repository restart, idle_session_timeout): a new
+        # session takes the next snapshot, which is not lost
+        assert repo.one("SELECT pg_terminate_backend(%s)", (kept[0],)) is True
+        count = repo.snapshots(srvid)
+        wait_for(lambda: repo.snapshots(srvid) > count, 10, "a snapshot after the kill")
+        assert repo.errors(srvid) == []
+        assert len(backends()) == 1 and backends() != kept
+        assert "snapshot failed" not in fleet.log(srvid)
+    finally:
+        assert stop_process(worker) == 0
+    wait_for(lambda: not backends(), 10, "the kept session to end with the worker")
+
+
+def test_a_server_collected_seldom_holds_no_repository_session_between_snapshots(
+    fleet: Fleet, repo: Repo
+) -> None:
+    fleet.write_config(repository={"dsn": repo.dsn, "keep_session_below": "5"})
+    srvid = repo.srvids[0]
+    repo.set_frequency(5, srvid)
+    worker = fleet.start_worker(srvid)
+    try:
+        wait_for(lambda: repo.snapshots(srvid) >= 1, 15, "a snapshot")
+        wait_for(lambda: not repo.worker_sessions(srvid), 3, "no session between snapshots")
+    finally:
+        assert stop_process(worker) == 0

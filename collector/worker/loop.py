@@ -167,6 +167,7 @@ class Worker:
     def shutdown(self) -> None:
         """Tear everything down, each step on its own."""
         daemon.teardown(log, [
+            ("repository session", self.taker.close),
             ("remote connection", self.link.close),
             ("watchdog", self.watchdog.close),
             ("commands", lambda: self.commands.close() if self.commands else None),

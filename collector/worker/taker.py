@@ -7,9 +7,11 @@ What fails is handed to ``Failures`` (status, retries, powa-web's errors);
 from __future__ import annotations
 
 import logging
+import select
 import time
 
 import psycopg
+from psycopg import pq
 
 from collector import repository
 from collector.config import Config
@@ -21,6 +23,8 @@ from collector.errors import (
     SnapshotAborted,
     SnapshotTooSoon,
 )
+from collector.logs import one_line
+from collector.pg import Conn
 from collector.worker.databases import CatalogRefresh
 from collector.worker.failures import Failures
 from collector.worker.lease import LeaseCheck
@@ -40,10 +44,83 @@ def repository_budget(frequency: int) -> float:
     return max(10.0 * frequency, REPOSITORY_BUDGET)
 
 
+class RepositorySession:
+    """The worker's repository session: opened for each snapshot, or kept between them.
+
+    A server collected every few seconds would open a session (a backend
+    forked on the repository, a login, its settings) as often; below
+    ``[repository] keep_session_below`` seconds the session is kept, idle,
+    between snapshots.  A server collected less often holds no repository
+    session while it waits (hundreds of idle backends are the repository's
+    memory), as with upstream.
+
+    A kept session is only used again if its last snapshot was committed and
+    nothing came from the server since (it only speaks unprompted to end the
+    session: a restart, ``idle_session_timeout``, ``pg_terminate_backend``);
+    else a new one is opened, and no snapshot is lost to a dead session.
+    """
+
+    def __init__(self, cfg: Config, srvid: int) -> None:
+        self.cfg = cfg
+        self.srvid = srvid
+        #: the kept session, and the statement_timeout it was opened with
+        self._kept: tuple[Conn, float] | None = None
+
+    def open(self, statement_timeout: float) -> Conn:
+        """A session for the next snapshot (RepositoryUnavailable if none can be opened)."""
+        if self._kept is not None:
+            conn, timeout = self._kept
+            self._kept = None
+            if timeout == statement_timeout and _reusable(conn):
+                return conn
+            conn.close()
+        conn = repository.connect(self.cfg.repository.dsn, f"worker {self.srvid}",
+                                  self.cfg.repository.connect_timeout,
+                                  statement_timeout=statement_timeout)
+        # as a new session: no statement prepared by an earlier snapshot (a PoWA
+        # upgrade in between would make it fail)
+        conn.prepare_threshold = None
+        return conn
+
+    def done(self, conn: Conn, statement_timeout: float, frequency: int, stored: bool) -> None:
+        """The snapshot is over: keep the session for the next one, or close it."""
+        if stored and frequency < self.cfg.repository.keep_session_below and _reusable(conn):
+            try:
+                # powa_take_snapshot names the session 'PoWA - snapshot finished'
+                # (upstream names it back too): ours again, outside any transaction
+                conn.autocommit = True
+                conn.execute("SELECT pg_catalog.set_config('application_name', %s, false)",
+                             (repository.session_name(f"worker {self.srvid}"),))
+                conn.autocommit = False
+            except psycopg.Error as exc:
+                log.info("repository session closed after the snapshot: %s", one_line(exc))
+            else:
+                self._kept = (conn, statement_timeout)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        if self._kept is not None:
+            self._kept[0].close()
+            self._kept = None
+
+
+def _reusable(conn: Conn) -> bool:
+    """Idle, healthy, and nothing received from the server since its last answer."""
+    if conn.closed or conn.broken or conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        return False
+    try:
+        ready, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
+    return not ready
+
+
 class Taker:
     def __init__(self, cfg: Config, link: RemoteLink, watchdog: Watchdog,
                  failures: Failures, refresh: CatalogRefresh) -> None:
         self.cfg = cfg
+        self.session = RepositorySession(cfg, failures.state.srvid)
         #: REFRESH_DB_CAT requests waiting for the next snapshot
         self.refresh = refresh
         self.link = link
@@ -80,9 +157,10 @@ class Taker:
         self.watchdog.arm(self.link.session, time.monotonic() + repository_budget(frequency))
         # the watchdog cancels at the budget; the server ends what a frozen
         # process left running (a COPY waiting for data) a minute later
-        with repository.session(self.cfg.repository.dsn, f"worker {srvid}",
-                                self.cfg.repository.connect_timeout,
-                                statement_timeout=repository_budget(frequency) + 60) as repo:
+        timeout = repository_budget(frequency) + 60
+        repo = self.session.open(timeout)
+        stored = False
+        try:
             self.watchdog.watch_repository(repo)
             snapshot = Snapshot(repo, self.link.session, srvid, budget=frequency,
                                 guard=self.watchdog, clear_stale=self.state.snapshots_ok == 0,
@@ -93,5 +171,11 @@ class Taker:
             except psycopg.Error as exc:
                 self.failures.snapshot(exc, repository_lost=repo.broken)
                 return None
+            stored = result.committed
+        finally:
+            self.session.done(repo, timeout, frequency, stored)
         self.state.repository_down = False
         return result
+
+    def close(self) -> None:
+        self.session.close()
