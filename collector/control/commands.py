@@ -114,11 +114,7 @@ class Commands:
             # its owner's worker answers through the same mailbox (the fleet's key)
             return mailbox.ask(self.redis, self.cfg.redis.prefix, srvid, "force_snapshot",
                                WORKER_REPLY_TIMEOUT, key=self.mailbox_key)
-        view = self._view(srvid)
-        if view.status == DISABLED:
-            raise ProtocolError(f"Server id {srvid} is disabled (no symlink in workers_enabled/)")
-        if view.program_state != "RUNNING":
-            raise ProtocolError(f"{program_name(srvid)} is not running ({view.status})")
+        self._check_running(srvid)
         return mailbox.ask(self.redis, self.cfg.redis.prefix, srvid, "force_snapshot",
                            WORKER_REPLY_TIMEOUT, key=self.mailbox_key)
 
@@ -135,14 +131,31 @@ class Commands:
         if srvid in self.others():
             return mailbox.ask(self.redis, self.cfg.redis.prefix, srvid, "refresh_db_cat",
                                WORKER_REPLY_TIMEOUT, key=self.mailbox_key, args=dbnames)
-        view = self._view(srvid)
-        if view.status == DISABLED:
-            raise ProtocolError(f"Server id {srvid} is disabled (no symlink in workers_enabled/)")
-        if view.program_state != "RUNNING":
-            raise ProtocolError(f"{program_name(srvid)} is not running ({view.status})")
+        self._check_running(srvid)
         return mailbox.ask(self.redis, self.cfg.redis.prefix, srvid, "refresh_db_cat",
                            WORKER_REPLY_TIMEOUT, key=self.mailbox_key,
                            args=dbnames)
+
+    def _check_running(self, srvid: int) -> None:
+        """ProtocolError unless the server is in the fleet, enabled, and its program runs.
+
+        From the live board when its picture is complete: a request never
+        waits on supervisord then (it answers late while it starts hundreds
+        of programs).
+        """
+        statuses = self.live.statuses()
+        state = self.live.program_state(srvid) if statuses is not None else None
+        if statuses is None or state is None:
+            view = self._view(srvid)
+            status, state = view.status, view.program_state
+        elif srvid not in statuses:
+            raise ProtocolError(f"Server id {srvid} not found")
+        else:
+            status = statuses[srvid]
+        if status == DISABLED:
+            raise ProtocolError(f"Server id {srvid} is disabled (no symlink in workers_enabled/)")
+        if state != "RUNNING":
+            raise ProtocolError(f"{program_name(srvid)} is not running ({status})")
 
     def _view(self, srvid: int) -> WorkerView:
         views = self.board.views(srvid, timeout=self._supervisor_timeout())

@@ -98,6 +98,15 @@ class LiveBoard(threading.Thread):
             self._cache_key, self._cache = key, result
         return result
 
+    def program_state(self, srvid: int) -> str | None:
+        """supervisord's state of a server's program while the picture is complete
+        (``STOPPED`` when supervisord does not know it); None otherwise."""
+        with self._lock:
+            if not self._synced or time.monotonic() - self._programs_seen > self.alive_ttl:
+                return None
+            info = self._programs.get(program_name(srvid))
+        return "STOPPED" if info is None else str(info.get("state"))
+
     def _compute(
         self,
         programs: dict[str, dict[str, Any]],
@@ -118,6 +127,12 @@ class LiveBoard(threading.Thread):
                 "statename": info.get("state"), "pid": info.get("pid"), "start": info.get("since"),
             }
             seen = workers.get(srvid)
+            if (info is not None and process is not None and process["statename"] == "STARTING"
+                    and not process["pid"] and seen is not None
+                    and seen.at > info.get("received", float("inf"))):
+                # supervisord's STARTING event carries no pid: a status published since
+                # is the starting worker's own (its predecessor had exited)
+                process["pid"] = seen.pid
             document = None
             if seen is not None and now_mono - seen.at < ttl:
                 document = {"pid": seen.pid, "status": seen.status}
@@ -212,6 +227,7 @@ class LiveBoard(threading.Thread):
                 if message.get("removed"):
                     self._programs.pop(name, None)
                 else:
+                    message["received"] = self._programs_seen
                     self._programs[name] = message
                 self._version += 1
 
