@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import simplejson as json
 
 from collector.demo import sandbox
-from collector.keys import client, owner_key, status_key
+from collector.keys import client, owner_key, status_channel, status_key
 from collector.worker.publisher import StatusPublisher
 
 SRVID = 7
@@ -61,3 +62,44 @@ def test_a_collecting_host_takes_the_status_over_from_another_host_only(
         # their threads never ran: only their connections to close
         alpha.redis.close()
         beta.redis.close()
+
+
+def test_a_change_that_may_wait_is_written_once_with_the_next(
+    redis_server: sandbox.RedisServer,
+) -> None:
+    """A snapshot's start (may wait 1 s) and its end a moment later: one write, the end's."""
+    url, prefix = redis_server.url, "pub-wait"
+    publisher = StatusPublisher(url, prefix, SRVID, ttl=30, host="alpha")
+    with client(url) as connection:
+        pubsub = connection.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(status_channel(prefix))
+
+        def messages(seconds: float) -> list[dict[str, Any]]:
+            found = []
+            deadline = time.monotonic() + seconds
+            while (left := deadline - time.monotonic()) > 0:
+                message = pubsub.get_message(timeout=left)
+                if message is not None:
+                    found.append(json.loads(message["data"]))
+            return found
+
+        publisher.start()
+        try:
+            publisher.update(document("running", "alpha"))
+            assert [m["status"] for m in messages(0.5)] == ["running"]
+            publisher.update({**document("running", "alpha"), "snapshot_in_progress": True},
+                             within=1.0)
+            publisher.update({**document("running", "alpha"), "last_snapshot_rows": 3})
+            written = messages(1.5)
+            assert [m.get("last_snapshot_rows") for m in written] == [3]
+            # alone, it waits its time, then is written
+            started = time.monotonic()
+            publisher.update({**document("running", "alpha"), "snapshot_in_progress": True},
+                             within=0.5)
+            assert messages(0.3) == []
+            written = messages(1.0)
+            assert [m.get("snapshot_in_progress") for m in written] == [True]
+            assert time.monotonic() - started >= 0.5
+        finally:
+            publisher.close()
+            pubsub.close()

@@ -58,6 +58,9 @@ from collector.worker.watchdog import Watchdog
 
 log = logging.getLogger("collector.worker")
 
+#: a snapshot's start is in Redis within this (seconds), unless its end comes first
+START_WRITE_WITHIN = 1.0
+
 #: the main loop wakes at least this often, even with nothing to do (signals,
 #: commands and a dying remote connection wake it at once anyway)
 MAX_SLEEP = 60.0
@@ -247,7 +250,8 @@ class Worker:
     def snapshot(self, forced: bool) -> SnapshotResult | None:
         assert self.schedule is not None
         self.schedule.started(self.gate.begin(), forced)
-        self.publish()
+        # most snapshots end within a second: their start and end make one write
+        self.reporter.publish(self.current_status(), within=START_WRITE_WITHIN)
         result = None
         try:
             result = self._attempt(forced)

@@ -75,6 +75,8 @@ class StatusPublisher(threading.Thread):
         self._document: dict[str, Any] | None = None
         self._changed = threading.Event()
         self._stopping = threading.Event()
+        #: the handed-over document must be written by then (monotonic)
+        self._write_by = float("inf")
         #: the document last written, as handed over (no "updated_at")
         self._published: dict[str, Any] | None = None
         #: when the key must be written again for its TTL, even unchanged
@@ -93,19 +95,32 @@ class StatusPublisher(threading.Thread):
         #: pid of the other worker that owns this server's status, while one does
         self._other: bytes | None = None
 
-    def update(self, document: dict[str, Any]) -> None:
-        """Hand over a new status (non-blocking); the thread writes it."""
+    def update(self, document: dict[str, Any], within: float = 0.0) -> None:
+        """Hand over a new status (non-blocking); the thread writes it.
+
+        ``within``: it may wait that many seconds, and be replaced meanwhile
+        (a snapshot's start, followed a moment later by its end: one write).
+        """
         with self._lock:
             self._document = dict(document)
+            self._write_by = min(self._write_by, time.monotonic() + within)
         self._changed.set()
 
     def run(self) -> None:
         delay = 0.0
         while not self._stopping.is_set():
-            self._changed.wait(delay or max(0.0, self._heartbeat_at - time.monotonic()))
+            with self._lock:
+                due = min(self._write_by, self._heartbeat_at)
+            self._changed.wait(delay or max(0.0, due - time.monotonic()))
             self._changed.clear()
             if self._stopping.is_set():
                 break
+            with self._lock:
+                if time.monotonic() < min(self._write_by, self._heartbeat_at):
+                    # a change that may wait: until its time, or the next change
+                    delay = 0.0
+                    continue
+                self._write_by = float("inf")
             delay = 0.0 if self._write() else self._backoff.next_delay()
 
     def _write(self, force: bool = False) -> bool:

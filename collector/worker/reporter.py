@@ -41,8 +41,9 @@ class Reporter:
     def document(self, status: str) -> dict[str, Any]:
         return self.state.document(status, self.gate.view(), self.schedule, time.monotonic())
 
-    def publish(self, status: str) -> None:
-        """The current status to Redis; a change is logged and told to the plugins."""
+    def publish(self, status: str, within: float = 0.0) -> None:
+        """The current status to Redis (within that many seconds); a change is logged
+        and told to the plugins at once."""
         if status != self.last_status:
             if self.last_status is not None:
                 log.info("status: %s -> %s", self.last_status, status)
@@ -50,12 +51,12 @@ class Reporter:
                     **self.state.event(status), "previous_status": self.last_status,
                 })
             self.last_status = status
-        self.quick(status)
+        self.quick(status, within)
 
-    def quick(self, status: str) -> None:
+    def quick(self, status: str, within: float = 0.0) -> None:
         """Hand a document to the publishing thread only (safe from any thread)."""
         if self.publisher is not None:
-            self.publisher.update(self.document(status))
+            self.publisher.update(self.document(status), within)
 
     def error(self, text: str) -> None:
         """Record an error, logged once while it stays the same."""
