@@ -77,6 +77,8 @@ class StatusPublisher(threading.Thread):
         self._stopping = threading.Event()
         #: the handed-over document must be written by then (monotonic)
         self._write_by = float("inf")
+        #: when the thread wakes by itself next (monotonic; 0: it is not waiting yet)
+        self._wake_at = 0.0
         #: the document last written, as handed over (no "updated_at")
         self._published: dict[str, Any] | None = None
         #: when the key must be written again for its TTL, even unchanged
@@ -104,13 +106,17 @@ class StatusPublisher(threading.Thread):
         with self._lock:
             self._document = dict(document)
             self._write_by = min(self._write_by, time.monotonic() + within)
-        self._changed.set()
+            # the thread already plans to wake by then: no need to wake it now
+            wake = self._write_by < self._wake_at
+        if wake:
+            self._changed.set()
 
     def run(self) -> None:
         delay = 0.0
         while not self._stopping.is_set():
             with self._lock:
                 due = min(self._write_by, self._heartbeat_at)
+                self._wake_at = time.monotonic() + delay if delay else due
             self._changed.wait(delay or max(0.0, due - time.monotonic()))
             self._changed.clear()
             if self._stopping.is_set():
