@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import string
@@ -263,7 +264,7 @@ def test_sigterm_stops_the_control(repo: Repo, running: Supervisord) -> None:
 
 
 def test_live_board_follows_the_fleet_without_polling(
-    fleet: Fleet, repo: Repo, running: Supervisord
+    fleet: Fleet, repo: Repo, running: Supervisord, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = config.load(fleet.cfg_path)
     with fleet.redis() as client:
@@ -286,8 +287,20 @@ def test_live_board_follows_the_fleet_without_polling(
         wait_for(lambda: (live.statuses() or {}).get(3) != "running", 5, "worker_3 gone")
         wait_for(lambda: (live.statuses() or {}).get(3) == "running", 15, "worker_3 restarted")
         # the event listener gone silent: the live picture is not trusted any more
+        caplog.set_level(logging.INFO, logger="collector.control.liveboard")
+        before = len(caplog.records)
         running.ctl("stop", "programs")
         wait_for(lambda: live.statuses() is None, 15, "the live board to distrust itself")
+        # said once, with the reason, and once when it is whole again
+        live.statuses()
+        said = [r.getMessage() for r in caplog.records[before:]
+                if "live status board" in r.getMessage()]
+        assert len(said) == 1 and "no word from the event listener for" in said[0], said
+        running.ctl("start", "programs")
+        wait_for(live.statuses, 15, "the live board to trust itself again")
+        said = [r.getMessage() for r in caplog.records[before:]
+                if "live status board" in r.getMessage()]
+        assert said[1:] == ["live status board whole again"], said
     finally:
         live.close()
         direct.close()

@@ -75,6 +75,8 @@ class LiveBoard(threading.Thread):
         self._version = 0
         self._cache_key: tuple[object, ...] | None = None
         self._cache: dict[int, str] = {}
+        #: why the picture was last judged incomplete (None: it was complete, or never asked)
+        self._incomplete: str | None = None
 
     # ---------------------------------------------------------------- reading
     def statuses(self) -> dict[int, str] | None:
@@ -86,7 +88,7 @@ class LiveBoard(threading.Thread):
         now_mono = time.monotonic()
         available, enabled = self.direct.servers()
         with self._lock:
-            if not self._synced or now_mono - self._programs_seen > self.alive_ttl:
+            if not self._complete(now_mono):
                 return None
             key = (self._version, int(now_mono), available, enabled)
             if key == self._cache_key:
@@ -102,10 +104,28 @@ class LiveBoard(threading.Thread):
         """supervisord's state of a server's program while the picture is complete
         (``STOPPED`` when supervisord does not know it); None otherwise."""
         with self._lock:
-            if not self._synced or time.monotonic() - self._programs_seen > self.alive_ttl:
+            if not self._complete(time.monotonic()):
                 return None
             info = self._programs.get(program_name(srvid))
         return "STOPPED" if info is None else str(info.get("state"))
+
+    def _complete(self, now_mono: float) -> bool:
+        """Whether the picture is complete (under the lock); a change of verdict is logged
+        once, so that an operator sees when and why answers come from supervisord."""
+        if not self._synced:
+            why: str | None = "not loaded from Redis yet"
+        elif now_mono - self._programs_seen > self.alive_ttl:
+            why = (f"no word from the event listener for {now_mono - self._programs_seen:.0f} s"
+                   if self._programs_seen else "the event listener has not said it is alive")
+        else:
+            why = None
+        if why is not None and self._incomplete is None:
+            log.warning("live status board incomplete (%s): statuses are read from "
+                        "supervisord until it is whole again", why)
+        elif why is None and self._incomplete is not None:
+            log.info("live status board whole again")
+        self._incomplete = why
+        return why is None
 
     def _compute(
         self,
