@@ -100,6 +100,8 @@ class FleetConfig:
     #: workers are forked by the fleet's spawner (collector.worker.spawner), which
     #: imports the libraries once for all; off: each worker imports them itself
     spawner: bool = True
+    #: worker programs started together (collector.fleet.starter); 0: 50 per usable CPU
+    start_wave: int = 0
 
 
 #: host names of [fleet] host: they end up in Redis keys and PostgreSQL application names
@@ -244,7 +246,7 @@ class _Reader:
         ),
         "plugins": frozenset({"enabled"}),
         "metrics": frozenset({"listen", "allow_remote"}),
-        "fleet": frozenset({"host", "heartbeat", "spawner"}),
+        "fleet": frozenset({"host", "heartbeat", "spawner", "start_wave"}),
     }
 
     def __init__(self, path: Path, parser: configparser.ConfigParser) -> None:
@@ -291,7 +293,8 @@ class _Reader:
             self.problem("fleet", "host", "expected a name of letters, digits, '.', '_' or '-'"
                          " (40 at most, starting with a letter or digit)")
         return FleetConfig(host=host, heartbeat=self._int("fleet", "heartbeat", 5, 1, 60),
-                           spawner=self._bool("fleet", "spawner", True))
+                           spawner=self._bool("fleet", "spawner", True),
+                           start_wave=self._int("fleet", "start_wave", 0, 0, 100_000))
 
     def _check_names(self) -> None:
         for section in self.parser.sections():

@@ -47,6 +47,14 @@ def program_name(srvid: int) -> str:
     return f"worker_{int(srvid)}"
 
 
+def worker_id(name: str) -> int | None:
+    """The server id of a worker's program name; None for any other program."""
+    digits = name.removeprefix("worker_")
+    if digits == name or not (digits.isascii() and digits.isdigit()) or digits[0] == "0":
+        return None
+    return int(digits)
+
+
 def status_key(prefix: str, srvid: int) -> str:
     return f"{prefix}:worker:{srvid}"
 

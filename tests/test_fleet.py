@@ -111,6 +111,41 @@ def test_stop_and_start_one_worker(
     wait_for(lambda: repo.snapshots(2) > stopped_count, 15, "worker_2 to snapshot again")
 
 
+def test_the_event_listener_starts_the_workers_in_waves(fleet: Fleet, repo: Repo) -> None:
+    """Workers have autostart = false: the listener starts them, start_wave at a time.
+
+    A worker an operator stopped stays stopped; one supervisord has never
+    started (a group added by ``supervisorctl add``/``update``) is started.
+    """
+    fleet.write_config(fleet={"start_wave": "2"})
+    assert fleet.generate().returncode == 0
+    assert "autostart = false" in (fleet.directory / "workers_available/worker_1.conf").read_text()
+    running = start_supervisord(fleet)
+    try:
+        running.wait_running(*WORKERS)
+        starts = {name: int((running.rpc.process(name) or {})["start"]) for name in WORKERS}
+        # the second wave waits for the first to leave STARTING (startsecs = 3)
+        assert starts["worker_3"] - max(starts["worker_1"], starts["worker_2"]) >= 2, starts
+        log_path = fleet.directory / "logs/programs.log"
+        log = log_path.read_text()
+        assert "starting 2 worker programs (1 more waiting)" in log
+        assert "starting 1 worker programs (0 more waiting)" in log
+        assert "worker_2: stopped" in running.ctl("stop", "worker_2").stdout
+        # worker_3 removed and added again: supervisord has never started this one
+        assert "worker_3: stopped" in running.ctl("stop", "worker_3").stdout
+        assert "removed process group" in running.ctl("remove", "worker_3").stdout
+        assert "added process group" in running.ctl("add", "worker_3").stdout
+        running.wait_running("worker_3")
+        # a new listener looks at the whole table, and leaves worker_2 alone
+        looked = log_path.read_text().count("no worker program waiting to be started")
+        running.ctl("restart", "programs")
+        wait_for(lambda: log_path.read_text().count("no worker program waiting to be started")
+                 > looked, 15, "the new listener's look at supervisord's table")
+        assert running.state("worker_2") == "STOPPED"
+    finally:
+        running.stop()
+
+
 def test_disable_by_symlink_stays_disabled_until_enabled(
     fleet: Fleet, repo: Repo, supervisord: Supervisord
 ) -> None:

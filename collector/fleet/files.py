@@ -116,8 +116,11 @@ def check_paths(cfg: Config, python: str) -> None:
 PROGRAM_DEFAULTS = """\
 ; supervisord's defaults are what a long-lived collector wants, so they are not
 ; repeated (every line of every program file costs supervisord time on each
-; reload of a large fleet): autostart = true, autorestart = unexpected,
-; stopsignal = TERM, startretries = 3.  The programs stay up while servers
+; reload of a large fleet): autorestart = unexpected, stopsignal = TERM,
+; startretries = 3.  A worker has autostart = false: the event listener
+; ([eventlistener:programs]) starts the workers supervisord has not started
+; yet, in waves, so that a fleet's start or a big update does not hold
+; supervisord (and the host) for a minute.  The programs stay up while servers
 ; are down, so only a crash at start-up counts as a retry; when they exit on
 ; purpose (exit codes below) they do it after startsecs, so that supervisord
 ; honours exitcodes and does not restart them.  startsecs is 3, not 1: a busy
@@ -189,7 +192,7 @@ def render_worker(cfg: Config, srvid: int, python: str) -> str:
     lines = _program(cfg, python, program_name(srvid), "collector.worker", "--srvid", str(srvid),
                      stopwaitsecs=cfg.collector.stop_grace + STOP_MARGIN,
                      flags=WORKER_FLAGS, environment=worker_environment(cfg))
-    return HEADER + PROGRAM_DEFAULTS + "\n".join([*lines, ""])
+    return HEADER + PROGRAM_DEFAULTS + "\n".join([*lines, "autostart = false", ""])
 
 
 def _sha_password(password: str) -> str:

@@ -35,6 +35,7 @@ from supervisor import childutils
 
 from collector import config, daemon, logs
 from collector.errors import EXIT_OK, SupervisorError
+from collector.fleet.starter import Starter, default_wave
 from collector.fleet.supervisord import Supervisor
 from collector.keys import ALIVE_TTL, alive_key, client, programs_key
 from collector.syncredis import redis
@@ -220,14 +221,18 @@ class Table:
         self.rewrite = False
 
 
-def serve(table: Table, stdin: TextIO, stdout: TextIO) -> None:
+def serve(table: Table, stdin: TextIO, stdout: TextIO, starter: Starter | None = None) -> None:
     """The eventlistener protocol loop: every event is acknowledged at once.
 
-    The table is read from supervisord at the first tick, in a thread of its
-    own (Table.request_seed): while supervisord starts hundreds of programs its
-    XML-RPC answers after tens of seconds, and meanwhile the events alone keep
-    the table (and so the control's answers) current.
+    The table is read from supervisord at once, in a thread of its own
+    (Table.request_seed): when supervisord is busy starting or stopping
+    hundreds of programs its XML-RPC answers late, and meanwhile the events
+    alone keep the table (and so the control's answers) current.  The worker
+    programs' waves (``starter``) begin once that table is written: the
+    control then answers from a whole picture while they start.
     """
+    table.request_seed()
+    waiting = starter
     while True:
         try:
             headers, payload = childutils.listener.wait(stdin, stdout)
@@ -240,10 +245,21 @@ def serve(table: Table, stdin: TextIO, stdout: TextIO) -> None:
             found = state_from_event(event, body)
             if found is not None:
                 table.update(*found)
+                if starter is not None:
+                    starter.seen(found[0], found[1]["state"])
             elif event == "PROCESS_GROUP_REMOVED":
                 table.remove(body.get("groupname", ""))
+            elif event == "PROCESS_GROUP_ADDED":
+                if starter is not None:
+                    starter.wake()
             elif event.startswith("TICK"):
                 table.tick()
+                if starter is not None and table.ticks % RESYNC_TICKS == 0:
+                    # a group added while its event was lost (a full buffer)
+                    starter.wake()
+            if waiting is not None and table.seeded:
+                waiting.wake()
+                waiting = None
         except Exception:
             log.exception("event %r not handled", headers.get("eventname"))
         childutils.listener.ok(stdout)
@@ -255,7 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     daemon.config_argument(parser)
     args = parser.parse_args(argv)
     # stdout belongs to the eventlistener protocol: logs go to stderr
-    serve(Table(daemon.load_config("programs", args.config)), sys.stdin, sys.stdout)
+    cfg = daemon.load_config("programs", args.config)
+    # the worker programs do not start by themselves (autostart = false): waves do
+    starter = Starter(cfg.supervisor_socket, cfg.fleet.start_wave or default_wave())
+    starter.start()
+    try:
+        serve(Table(cfg), sys.stdin, sys.stdout, starter)
+    finally:
+        starter.close()
     return EXIT_OK
 
 

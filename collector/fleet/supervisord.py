@@ -111,6 +111,27 @@ class Supervisor:
                 f"cannot reach supervisord at {self.socket_path}: {one_line(exc)}"
             ) from None
 
+    def multicall(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """Several ``supervisor.<method>`` calls in one request, in order.
+
+        Each result is the call's value (supervisord does not wrap it in a
+        one-item array), or a ``{"faultCode", "faultString"}`` dict for a call
+        it refused (the others still happen).
+        """
+        if not calls:
+            return []
+        request = [{"methodName": f"supervisor.{method}", "params": list(params)}
+                   for method, params in calls]
+        try:
+            results = self.proxy.system.multicall(request)
+        except xmlrpc.client.Fault as fault:
+            raise SupervisorError(f"supervisord refused a multicall: {fault.faultString}") from None
+        except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
+            raise SupervisorError(
+                f"cannot reach supervisord at {self.socket_path}: {one_line(exc)}"
+            ) from None
+        return cast(list[Any], results)
+
     def state(self) -> str:
         return str(self._call("getState")["statename"])
 
