@@ -100,8 +100,8 @@ class FleetConfig:
     #: workers are forked by the fleet's spawner (collector.worker.spawner), which
     #: imports the libraries once for all; off: each worker imports them itself
     spawner: bool = True
-    #: worker programs started together (collector.fleet.starter); 0: 50 per usable CPU
-    start_wave: int = 0
+    #: worker programs started a second (collector.fleet.starter); 0: 8 per usable CPU
+    start_rate: int = 0
 
 
 #: host names of [fleet] host: they end up in Redis keys and PostgreSQL application names
@@ -246,7 +246,7 @@ class _Reader:
         ),
         "plugins": frozenset({"enabled"}),
         "metrics": frozenset({"listen", "allow_remote"}),
-        "fleet": frozenset({"host", "heartbeat", "spawner", "start_wave"}),
+        "fleet": frozenset({"host", "heartbeat", "spawner", "start_rate"}),
     }
 
     def __init__(self, path: Path, parser: configparser.ConfigParser) -> None:
@@ -294,7 +294,7 @@ class _Reader:
                          " (40 at most, starting with a letter or digit)")
         return FleetConfig(host=host, heartbeat=self._int("fleet", "heartbeat", 5, 1, 60),
                            spawner=self._bool("fleet", "spawner", True),
-                           start_wave=self._int("fleet", "start_wave", 0, 0, 100_000))
+                           start_rate=self._int("fleet", "start_rate", 0, 0, 10_000))
 
     def _check_names(self) -> None:
         for section in self.parser.sections():

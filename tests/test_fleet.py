@@ -111,25 +111,26 @@ def test_stop_and_start_one_worker(
     wait_for(lambda: repo.snapshots(2) > stopped_count, 15, "worker_2 to snapshot again")
 
 
-def test_the_event_listener_starts_the_workers_in_waves(fleet: Fleet, repo: Repo) -> None:
-    """Workers have autostart = false: the listener starts them, start_wave at a time.
+def test_the_event_listener_starts_the_workers_at_a_pace(fleet: Fleet, repo: Repo) -> None:
+    """Workers have autostart = false: the listener starts them, start_rate a second.
 
     A worker an operator stopped stays stopped; one supervisord has never
     started (a group added by ``supervisorctl add``/``update``) is started.
     """
-    fleet.write_config(fleet={"start_wave": "2"})
+    fleet.write_config(fleet={"start_rate": "1"})
     assert fleet.generate().returncode == 0
     assert "autostart = false" in (fleet.directory / "workers_available/worker_1.conf").read_text()
     running = start_supervisord(fleet)
     try:
         running.wait_running(*WORKERS)
         starts = {name: int((running.rpc.process(name) or {})["start"]) for name in WORKERS}
-        # the second wave waits for the first to leave STARTING (startsecs = 3)
-        assert starts["worker_3"] - max(starts["worker_1"], starts["worker_2"]) >= 2, starts
+        # one a second, lowest ids first
+        assert starts["worker_1"] <= starts["worker_2"] <= starts["worker_3"], starts
+        assert starts["worker_3"] - starts["worker_1"] >= 1, starts
         log_path = fleet.directory / "logs/programs.log"
         log = log_path.read_text()
-        assert "starting 2 worker programs (1 more waiting)" in log
-        assert "starting 1 worker programs (0 more waiting)" in log
+        assert "starting 3 worker programs, 1 a second" in log
+        assert "3 worker programs started in" in log
         assert "worker_2: stopped" in running.ctl("stop", "worker_2").stdout
         # worker_3 removed and added again: supervisord has never started this one
         assert "worker_3: stopped" in running.ctl("stop", "worker_3").stdout

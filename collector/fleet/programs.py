@@ -35,7 +35,7 @@ from supervisor import childutils
 
 from collector import config, daemon, logs
 from collector.errors import EXIT_OK, SupervisorError
-from collector.fleet.starter import Starter, default_wave
+from collector.fleet.starter import Starter, default_rate
 from collector.fleet.supervisord import Supervisor
 from collector.keys import ALIVE_TTL, alive_key, client, programs_key
 from collector.syncredis import redis
@@ -228,7 +228,7 @@ def serve(table: Table, stdin: TextIO, stdout: TextIO, starter: Starter | None =
     (Table.request_seed): when supervisord is busy starting or stopping
     hundreds of programs its XML-RPC answers late, and meanwhile the events
     alone keep the table (and so the control's answers) current.  The worker
-    programs' waves (``starter``) begin once that table is written: the
+    programs' start (``starter``) begins once that table is written: the
     control then answers from a whole picture while they start.
     """
     table.request_seed()
@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # stdout belongs to the eventlistener protocol: logs go to stderr
     cfg = daemon.load_config("programs", args.config)
-    # the worker programs do not start by themselves (autostart = false): waves do
-    starter = Starter(cfg.supervisor_socket, cfg.fleet.start_wave or default_wave())
+    # the worker programs do not start by themselves (autostart = false): the starter paces them
+    starter = Starter(cfg.supervisor_socket, cfg.fleet.start_rate or default_rate())
     starter.start()
     try:
         serve(Table(cfg), sys.stdin, sys.stdout, starter)
