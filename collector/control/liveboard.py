@@ -100,6 +100,19 @@ class LiveBoard(threading.Thread):
             self._cache_key, self._cache = key, result
         return result
 
+    def wait_whole(self, timeout: float, stop: Callable[[], bool]) -> bool:
+        """Wait until the picture is complete (True), ``timeout`` passes or ``stop()``."""
+        deadline = time.monotonic() + timeout
+        while not stop():
+            now = time.monotonic()
+            with self._lock:
+                if self._synced and now - self._programs_seen <= self.alive_ttl:
+                    return True
+            if now >= deadline:
+                return False
+            self._closing.wait(0.1)
+        return False
+
     def program_state(self, srvid: int) -> str | None:
         """supervisord's state of a server's program while the picture is complete
         (``STOPPED`` when supervisord does not know it); None otherwise."""

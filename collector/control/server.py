@@ -58,6 +58,10 @@ log = logging.getLogger("collector.control")
 
 #: the repository connection is checked this often when no notification comes
 HEALTH_CHECK = 10.0
+#: at its start, the control waits this long at most for its live board (the event
+#: listener's picture of supervisord) before it listens: while supervisord starts
+#: everything, an answer read from supervisord directly would take seconds
+LIVE_WAIT = 10.0
 #: the control stops within this (a reload under way is left to supervisord); the
 #: generated stopwaitsecs (collector.fleet.files.CONTROL_STOPWAIT) is above it
 STOP_GRACE = 5.0
@@ -101,6 +105,13 @@ class Control:
         self.live.start()
         self.reloader.start()
         self.hostkeeper.start()
+        started = time.monotonic()
+        if not self.live.wait_whole(LIVE_WAIT, lambda: self.flags.stop):
+            if not self.flags.stop:
+                log.warning("the event listener has not published supervisord's programs after"
+                            " %.0f s: answering from supervisord directly meanwhile", LIVE_WAIT)
+        else:
+            log.info("live status board whole after %.1f s", time.monotonic() - started)
         try:
             while not self.flags.stop:
                 self._cycle()
