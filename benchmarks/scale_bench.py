@@ -85,6 +85,8 @@ class Probe:
 
     dsn: str
     times: list[float] = field(default_factory=list)
+    #: (seconds since the probe began, round trip or None when not answered within 1 s)
+    samples: list[tuple[float, float | None]] = field(default_factory=list)
     missed: int = 0
     first_answer: float | None = None
     _started: float = 0.0
@@ -105,14 +107,31 @@ class Probe:
     def _run(self) -> None:
         with Client(self.dsn) as client:
             while not self._done.is_set():
+                asked = time.monotonic() - self._started
                 answers = client.ask("WORKERS_STATUS", (), timeout=1)
                 if answers and answers[0].status == "OK":
                     if self.first_answer is None:
                         self.first_answer = time.monotonic() - self._started
                     self.times.append(answers[0].elapsed)
+                    self.samples.append((asked, answers[0].elapsed))
                 elif self.first_answer is not None:
                     self.missed += 1
+                    self.samples.append((asked, None))
                 time.sleep(0.05)
+
+    def timeline(self, step: float = 10.0) -> list[list[object]]:
+        """Requests, unanswered, p50/p99/max (ms) in each ``step`` seconds since the start."""
+        buckets: dict[int, list[float | None]] = {}
+        for at, elapsed in self.samples:
+            buckets.setdefault(int(at // step), []).append(elapsed)
+        rows: list[list[object]] = []
+        for bucket, values in sorted(buckets.items()):
+            times = [v for v in values if v is not None]
+            rows.append([f"{bucket * step:.0f}-{(bucket + 1) * step:.0f}", len(values),
+                         len(values) - len(times),
+                         *([ms(percentile(times, 50)), ms(percentile(times, 99)), ms(max(times))]
+                           if times else ["-", "-", "-"])])
+        return rows
 
     def row(self, what: str, servers: int) -> list[object]:
         if not self.times:
@@ -346,6 +365,8 @@ class Report:
     servers: int
     latency: list[list[object]] = field(default_factory=list)
     start: list[list[object]] = field(default_factory=list)
+    #: WORKERS_STATUS during the start, ten seconds at a time
+    start_timeline: list[list[object]] = field(default_factory=list)
     reload: list[list[object]] = field(default_factory=list)
     memory: Memory = field(default_factory=Memory)
     lags: list[float] = field(default_factory=list)
@@ -395,6 +416,7 @@ def start(host: Host, repo: sandbox.Cluster, srvids: list[int], report: Report) 
     report.start += [[f"all {len(srvids)} workers {what}", f"{seconds:.1f}"]
                      for what, seconds in reached.items()]
     report.latency.append(probe.row("during the start", len(srvids)))
+    report.start_timeline = probe.timeline()
 
 
 def big_reload(host: Host, repo: sandbox.Cluster, hosts: list[tuple[str, int]],
@@ -483,6 +505,9 @@ def render(report: Report) -> str:
               " supervisord's start)", ["reached", "s"], report.start),
         table("WORKERS_STATUS round trip seen by a powa-web-like client (ms; target p99 < 100)",
               ["when", "servers", "requests", "p50", "p99", "max"], report.latency),
+        table("WORKERS_STATUS during the start, 10 s at a time (s since supervisord's start; ms)",
+              ["seconds", "requests", "unanswered", "p50", "p99", "max"],
+              report.start_timeline),
         table("2. Memory (MiB; PSS and anonymous PSS from /proc/PID/smaps_rollup)",
               ["process", "count", "PSS median", "PSS max", "anon median", "anon max"],
               memory_rows(report.memory)),
