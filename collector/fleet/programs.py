@@ -242,6 +242,9 @@ def serve(table: Table, stdin: TextIO, stdout: TextIO, starter: Starter | None =
         try:
             event = headers.get("eventname", "")
             body = childutils.get_headers(payload.split("\n", 1)[0])
+            # supervisord's table as soon as it came: at its start, 800 PROCESS_GROUP_ADDED
+            # events come before any state change or tick
+            table.take_seed()
             found = state_from_event(event, body)
             if found is not None:
                 table.update(*found)
@@ -250,7 +253,8 @@ def serve(table: Table, stdin: TextIO, stdout: TextIO, starter: Starter | None =
             elif event == "PROCESS_GROUP_REMOVED":
                 table.remove(body.get("groupname", ""))
             elif event == "PROCESS_GROUP_ADDED":
-                if starter is not None:
+                # before the first table read, the starter's first look sees it anyway
+                if starter is not None and waiting is None:
                     starter.wake()
             elif event.startswith("TICK"):
                 table.tick()

@@ -122,6 +122,9 @@ class Starter(threading.Thread):
             try:
                 self._start_all()
             except SupervisorError as exc:
+                if "SHUTDOWN_STATE" in str(exc):
+                    # supervisord stops, and this listener with it
+                    continue
                 log.warning("cannot start the worker programs yet (trying again in %.0f s): %s",
                             RETRY, exc)
                 if not self._closing.wait(RETRY):
@@ -149,6 +152,9 @@ class Starter(threading.Thread):
                 return
             next_at = max(next_at + self.interval, time.monotonic())
             missed = self._start(supervisor, names)
+            if any("SHUTDOWN_STATE" in why for why in missed.values()):
+                log.info("supervisord is shutting down: no more worker programs started")
+                return
             for name, why in missed.items():
                 if why:
                     log.warning("%s: supervisord did not start it: %s", name, why)
