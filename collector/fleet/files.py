@@ -119,13 +119,14 @@ PROGRAM_DEFAULTS = """\
 ; reload of a large fleet): autorestart = unexpected, stopsignal = TERM,
 ; startretries = 3.  A worker has autostart = false: the event listener
 ; ([eventlistener:programs]) starts the workers supervisord has not started
-; yet, in waves, so that a fleet's start or a big update does not hold
-; supervisord (and the host) for a minute.  The programs stay up while servers
-; are down, so only a crash at start-up counts as a retry; when they exit on
-; purpose (exit codes below) they do it after startsecs, so that supervisord
-; honours exitcodes and does not restart them.  startsecs is 3, not 1: a busy
-; host takes more than a second to start Python, and a configuration error
-; must end FATAL (three failed starts), not look like a clean exit.
+; yet, a few at a time ([fleet] start_rate), so that a fleet's start or a big
+; update does not hold supervisord (and the host) for a minute.  The programs
+; stay up while servers are down, so only a crash at start-up counts as a
+; retry; when they exit on purpose (exit codes below) they do it after
+; startsecs, so that supervisord honours exitcodes and does not restart them.
+; startsecs is 3, not 1: a busy host takes more than a second to start
+; Python, and a configuration error must end FATAL (three failed starts), not
+; look like a clean exit.
 """
 
 #: supervisord's startsecs for the fleet's programs (see collector.daemon.MIN_UPTIME)
