@@ -106,7 +106,7 @@ class LiveBoard(threading.Thread):
         while not stop():
             now = time.monotonic()
             with self._lock:
-                if self._missing(now) is None:
+                if self._synced and now - self._programs_seen <= self.alive_ttl:
                     return True
             if now >= deadline:
                 return False
@@ -122,19 +122,16 @@ class LiveBoard(threading.Thread):
             info = self._programs.get(program_name(srvid))
         return "STOPPED" if info is None else str(info.get("state"))
 
-    def _missing(self, now_mono: float) -> str | None:
-        """Why the picture is incomplete (under the lock); None when it is complete."""
-        if not self._synced:
-            return "not loaded from Redis yet"
-        if now_mono - self._programs_seen > self.alive_ttl:
-            return (f"no word from the event listener for {now_mono - self._programs_seen:.0f} s"
-                    if self._programs_seen else "the event listener has not said it is alive")
-        return None
-
     def _complete(self, now_mono: float) -> bool:
         """Whether the picture is complete (under the lock); a change of verdict is logged
         once, so that an operator sees when and why answers come from supervisord."""
-        why = self._missing(now_mono)
+        if not self._synced:
+            why: str | None = "not loaded from Redis yet"
+        elif now_mono - self._programs_seen > self.alive_ttl:
+            why = (f"no word from the event listener for {now_mono - self._programs_seen:.0f} s"
+                   if self._programs_seen else "the event listener has not said it is alive")
+        else:
+            why = None
         if why is not None and self._incomplete is None:
             log.warning("live status board incomplete (%s): statuses are read from "
                         "supervisord until it is whole again", why)

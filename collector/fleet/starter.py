@@ -121,18 +121,19 @@ class Starter(threading.Thread):
                 return
             try:
                 self._start_all()
-                continue
             except SupervisorError as exc:
                 if "SHUTDOWN_STATE" in str(exc):
                     # supervisord stops, and this listener with it
                     continue
                 log.warning("cannot start the worker programs yet (trying again in %.0f s): %s",
                             RETRY, exc)
+                if not self._closing.wait(RETRY):
+                    self._wanted.set()
             except Exception:
                 # a dead starter would leave every later worker program unstarted
                 log.exception("starting worker programs failed; trying again")
-            if not self._closing.wait(RETRY):
-                self._wanted.set()
+                if not self._closing.wait(RETRY):
+                    self._wanted.set()
 
     def _start_all(self) -> None:
         supervisor = self._connect()

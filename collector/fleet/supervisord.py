@@ -98,11 +98,10 @@ class Supervisor:
             "http://127.0.0.1", transport=_UnixTransport(socket_path, timeout)
         )
 
-    def _call(self, method: str, *args: Any, tolerate: tuple[str, ...] = (),
-              namespace: str = "supervisor") -> Any:
-        """Call ``<namespace>.<method>``; None for a fault whose code is in ``tolerate``."""
+    def _call(self, method: str, *args: Any, tolerate: tuple[str, ...] = ()) -> Any:
+        """Call ``supervisor.<method>``; None for a fault whose code is in ``tolerate``."""
         try:
-            return getattr(getattr(self.proxy, namespace), method)(*args)
+            return getattr(self.proxy.supervisor, method)(*args)
         except xmlrpc.client.Fault as fault:
             if any(code in fault.faultString for code in tolerate):
                 return None
@@ -123,7 +122,15 @@ class Supervisor:
             return []
         request = [{"methodName": f"supervisor.{method}", "params": list(params)}
                    for method, params in calls]
-        return cast(list[Any], self._call("multicall", request, namespace="system"))
+        try:
+            results = self.proxy.system.multicall(request)
+        except xmlrpc.client.Fault as fault:
+            raise SupervisorError(f"supervisord refused a multicall: {fault.faultString}") from None
+        except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
+            raise SupervisorError(
+                f"cannot reach supervisord at {self.socket_path}: {one_line(exc)}"
+            ) from None
+        return cast(list[Any], results)
 
     def state(self) -> str:
         return str(self._call("getState")["statename"])
