@@ -132,6 +132,17 @@ def add_slow_source(
     )
 
 
+def wait_for_slow_source(remote: sandbox.Cluster, srvid: int) -> None:
+    """Until the worker's remote session runs the slow source (not this query, whose
+    text matches the same pattern)."""
+    with remote.connect() as conn:
+        wait_for(lambda: conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+            " AND pid <> pg_backend_pid() AND query LIKE '%%COPY (SELECT%%slow_src%%'",
+            (f"powa-fleet worker {srvid}",),
+        ).fetchone()[0], 20, "the slow source to run")  # type: ignore[index]
+
+
 def test_kill_9_mid_snapshot_leaves_nothing_behind(
     fleet: Fleet, repo: Repo, cluster_factory: Callable[..., sandbox.Cluster]
 ) -> None:
@@ -148,10 +159,7 @@ def test_kill_9_mid_snapshot_leaves_nothing_behind(
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     # the statements are copied, the slow source runs: kill the worker now
-    with remote.connect() as conn:
-        wait_for(lambda: conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%COPY (SELECT%slow_src%'"
-        ).fetchone()[0], 20, "the slow source to run")  # type: ignore[index]
+    wait_for_slow_source(remote, srvid)
     process.send_signal(signal.SIGKILL)
     process.wait()
     wait_for(lambda: not repo.worker_sessions(srvid), 10, "the worker's sessions to end")
@@ -287,10 +295,7 @@ def test_sigterm_during_snapshot_rolls_back_and_exits_in_time(
     repo.due_in(srvid, 4, frequency=120)
     process = fleet.start_worker(srvid)
     wait_for(lambda: repo.worker_sessions(srvid), 20, "the snapshot to start")
-    with remote.connect() as conn:
-        wait_for(lambda: conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%COPY (SELECT%slow_src%'"
-        ).fetchone()[0], 20, "the slow source to run")  # type: ignore[index]
+    wait_for_slow_source(remote, srvid)
     started = time.monotonic()
     assert stop_process(process, timeout=30) == 0
     # stop_grace is 5s in the test configuration
