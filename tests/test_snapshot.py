@@ -9,7 +9,9 @@ from collections.abc import Callable
 from datetime import datetime
 
 import pytest
+from psycopg import sql
 
+from collector import pg
 from collector.demo import sandbox
 from tests.conftest import BIG_WORKLOAD
 from tests.helpers import PYTHON, ROOT, Fleet, Repo, stop_process, wait_for
@@ -326,3 +328,25 @@ def test_a_locked_server_row_postpones_the_versions_not_the_snapshot(
     assert fleet.once(srvid).returncode == 0
     assert repo.snapshots(srvid) == 2
     assert repo.one("SELECT version FROM powa_servers WHERE id = %s", (srvid,)).startswith("15.")
+
+
+def test_composed_statements_are_kept_per_key_and_client_encoding(repo: Repo) -> None:
+    composing: list[str] = []
+
+    def compose() -> sql.Composable:
+        composing.append("once")
+        return sql.SQL("SELECT 1 AS {}").format(sql.Identifier("été"))
+
+    with repo.cluster.connect() as conn:
+        first = pg.composed(conn, ("test statement", 1), compose)
+        assert first == 'SELECT 1 AS "été"'.encode()
+        assert pg.composed(conn, ("test statement", 1), compose) is first
+        assert len(composing) == 1
+        assert pg.composed(conn, ("test statement", 2), compose) == first
+        assert len(composing) == 2
+        # the same statement, sent in another encoding, is composed again for it
+        conn.execute("SET client_encoding TO 'LATIN1'")
+        assert pg.composed(conn, ("test statement", 1), compose) == 'SELECT 1 AS "été"'.encode(
+            "latin-1")
+        assert len(composing) == 3
+        assert conn.execute(pg.composed(conn, ("test statement", 1), compose)).fetchone() == (1,)

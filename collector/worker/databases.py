@@ -58,7 +58,7 @@ from collector.errors import RemoteUnavailable, SnapshotAborted
 from collector.logs import one_line
 from collector.pg import Conn
 from collector.worker.remote import RemoteSession
-from collector.worker.sources import DbSource, target_name
+from collector.worker.sources import DbSource, copy_in
 from collector.worker.streaming import Guard, Load, Spool, command
 
 if TYPE_CHECKING:
@@ -243,7 +243,7 @@ class DatabaseCopier:
 
 def _target(source: DbSource, repo: Conn) -> bytes:
     assert source.target is not None
-    return sql.SQL("COPY {} FROM STDIN").format(target_name(source.target)).as_bytes(repo)
+    return copy_in(repo, source.target)
 
 
 class DatabaseReader:

@@ -21,7 +21,7 @@ from psycopg import sql
 
 from collector import hosts
 from collector.errors import LeaseHeldError, SnapshotTooSoon
-from collector.pg import Conn, PowaExtension
+from collector.pg import Conn, PowaExtension, composed
 
 _HOLDER = """
 SELECT a.application_name
@@ -46,12 +46,10 @@ class LeaseCheck:
             raise LeaseHeldError(self.srvid, holder or f"unknown ({row[0]!r})")
         if self.forced:
             return
-        age = repo.execute(
-            sql.SQL("SELECT extract(epoch FROM pg_catalog.now() - snapts)::float8 FROM {}"
-                    " WHERE srvid = %s AND snapts > '-infinity'").format(
-                powa.name("powa_snapshot_metas")),
-            (self.srvid,),
-        ).fetchone()
+        age = repo.execute(composed(repo, ("snapshot age", powa.schema), lambda: sql.SQL(
+            "SELECT extract(epoch FROM pg_catalog.now() - snapts)::float8 FROM {}"
+            " WHERE srvid = %s AND snapts > '-infinity'").format(
+                powa.name("powa_snapshot_metas"))), (self.srvid,)).fetchone()
         if age is not None and age[0] is not None and float(age[0]) < self.frequency / 2:
             raise SnapshotTooSoon(
                 f"the last snapshot of server {self.srvid} is {float(age[0]):.0f}s old, less than"

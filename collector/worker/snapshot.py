@@ -56,12 +56,12 @@ from psycopg import sql
 
 from collector.errors import ConcurrentSnapshotError, RemoteUnavailable, SnapshotAborted
 from collector.logs import one_line
-from collector.pg import Conn, PowaExtension
+from collector.pg import Conn, PowaExtension, composed
 from collector.repository import record_errors, require_powa, save_versions
 from collector.worker import sources as discovery
 from collector.worker.databases import CatalogRefresh, DatabaseCopier, RefreshRequest, plan
 from collector.worker.remote import RemoteSession
-from collector.worker.sources import DbSource, Source
+from collector.worker.sources import DbSource, Source, copy_in
 from collector.worker.streaming import CHUNK_SIZE, Guard, Load, Spool, command, store
 
 __all__ = ["CHUNK_SIZE", "Guard", "Snapshot", "SnapshotResult", "Source"]
@@ -124,12 +124,9 @@ class Plan:
 def _lock_server(repo: Conn, powa: PowaExtension, srvid: int) -> None:
     """Lock the server's metas row for the whole transaction: one snapshot at a time."""
     try:
-        row = repo.execute(
-            sql.SQL("SELECT 1 FROM {} WHERE srvid = %s FOR UPDATE NOWAIT").format(
-                powa.name("powa_snapshot_metas")
-            ),
-            (srvid,),
-        ).fetchone()
+        row = repo.execute(composed(repo, ("lock metas", powa.schema), lambda: sql.SQL(
+            "SELECT 1 FROM {} WHERE srvid = %s FOR UPDATE NOWAIT"
+        ).format(powa.name("powa_snapshot_metas"))), (srvid,)).fetchone()
     except psycopg.errors.LockNotAvailable:
         repo.rollback()
         raise ConcurrentSnapshotError(
@@ -356,10 +353,10 @@ class Snapshot:
         """powa_take_snapshot(N); if it fails, roll back every copied row, keep the error."""
         try:
             with self.repo.transaction():
-                row = self.repo.execute(
-                    sql.SQL("SELECT {}(%s)").format(powa.name("powa_take_snapshot")),
-                    (self.srvid,),
-                ).fetchone()
+                row = self.repo.execute(composed(
+                    self.repo, ("take", powa.schema),
+                    lambda: sql.SQL("SELECT {}(%s)").format(powa.name("powa_take_snapshot")),
+                ), (self.srvid,)).fetchone()
         except psycopg.Error as exc:
             if self.repo.broken:
                 raise
@@ -429,8 +426,9 @@ class Reading:
     def _global(self, remote: Conn, deadline: float) -> list[Source]:
         """The global sources, in the remote transaction the caller opened."""
         self.guard.remote_statement()
-        command(remote, sql.SQL("SET LOCAL statement_timeout = {}").format(
-            sql.Literal(int(self.snapshot.budget * 1000))).as_bytes(remote))
+        budget_ms = int(self.snapshot.budget * 1000)
+        command(remote, composed(remote, ("statement_timeout", budget_ms), lambda: sql.SQL(
+            "SET LOCAL statement_timeout = {}").format(sql.Literal(budget_ms))))
         read = []
         sources = self.work.sources
         for n, source in enumerate(sources):
@@ -445,9 +443,8 @@ class Reading:
         loads = {}
         for source in read:
             assert source.target is not None
-            target = sql.SQL("COPY {} FROM STDIN").format(sql.Identifier(*source.target))
             loads[_key(source)] = Load(_key(source), source.name,
-                                       target.as_bytes(self.snapshot.repo))
+                                       copy_in(self.snapshot.repo, source.target))
         for part in self.spool.parts:
             loads[part.source].parts.append(part)
         return list(loads.values())
@@ -480,9 +477,10 @@ class Reading:
         if source.remote_function is None or source.target is None:
             log.warning("no query_source for %s, skipped", source.function_name)
             return False
-        query = sql.SQL("COPY (SELECT {}, * FROM {}(0)) TO STDOUT").format(
-            sql.Literal(self.snapshot.srvid), source.remote_function
-        )
+        srvid, function = self.snapshot.srvid, source.remote_function
+        query = composed(remote, ("copy out", srvid, function), lambda: sql.SQL(
+            "COPY (SELECT {}, * FROM {}(0)) TO STDOUT").format(
+                sql.Literal(srvid), sql.Identifier(*function)))
         try:
             self.guard.remote_statement()
             self.spool.add(_key(source), None, remote, query, savepoint=True)

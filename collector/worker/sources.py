@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from collector.pg import Conn, PowaExtension
+from collector.pg import Conn, PowaExtension, composed
 
 #: powa_catalog_functions' refresh interval, as upstream uses it
 CATALOG_REFRESH = "1 year"
@@ -39,8 +39,8 @@ class Source:
     name: str
     query_source: str
     function_name: str
-    #: the remote's set-returning function and the repository's _tmp table
-    remote_function: sql.Identifier | None = None
+    #: the remote's set-returning function and the repository's _tmp table (schema, name)
+    remote_function: tuple[str, str] | None = None
     target: tuple[str, str] | None = None
     cleanup: sql.Composed | None = None
     #: why it cannot be copied or cleaned up (recorded as an error of the snapshot)
@@ -67,8 +67,10 @@ class DbSource:
         return self.dbnames is None or dbname in self.dbnames
 
 
-def target_name(target: tuple[str, str]) -> sql.Identifier:
-    return sql.Identifier(*target)
+def copy_in(repo: Conn, target: tuple[str, str]) -> bytes:
+    """``COPY <schema>.<_tmp table> FROM STDIN`` on the repository."""
+    return composed(repo, ("copy in", target), lambda: sql.SQL("COPY {} FROM STDIN").format(
+        sql.Identifier(*target)))
 
 
 # ---------------------------------------------------------------- global sources
@@ -85,18 +87,15 @@ def global_sources(
 def _sources_4(
     repo: Conn, powa: PowaExtension, srvid: int, remote_powa: PowaExtension
 ) -> list[Source]:
-    rows = repo.execute(
-        sql.SQL(
-            "SELECT module, query_source, query_cleanup, function_name FROM {}"
-            " WHERE srvid = %s AND operation = 'snapshot' AND enabled"
-            " ORDER BY priority, module"
-        ).format(powa.name("powa_functions")),
-        (srvid,),
-    ).fetchall()
+    rows = repo.execute(composed(repo, ("sources 4", powa.schema), lambda: sql.SQL(
+        "SELECT module, query_source, query_cleanup, function_name FROM {}"
+        " WHERE srvid = %s AND operation = 'snapshot' AND enabled"
+        " ORDER BY priority, module"
+    ).format(powa.name("powa_functions"))), (srvid,)).fetchall()
     return [
         Source(
             name=str(module), query_source=str(source or ""), function_name=str(function),
-            remote_function=remote_powa.name(str(source)) if source else None,
+            remote_function=(remote_powa.schema, str(source)) if source else None,
             target=(powa.schema, f"{source}_tmp") if source else None,
             # 4.1 stores it as plain SQL, run as-is by design
             cleanup=sql.Composed([sql.SQL(str(cleanup))]) if cleanup else None,
@@ -119,9 +118,8 @@ def _sources_5(
     repo: Conn, powa: PowaExtension, srvid: int, remote_powa: PowaExtension,
     remote_schemas: Mapping[str, str],
 ) -> list[Source]:
-    rows = repo.execute(
-        sql.SQL(_SOURCES_5).format(powa.name("powa_functions")), (srvid,)
-    ).fetchall()
+    rows = repo.execute(composed(repo, ("sources 5", powa.schema), lambda: sql.SQL(
+        _SOURCES_5).format(powa.name("powa_functions"))), (srvid,)).fetchall()
     sources = []
     for name, external, source, cleanup, function, repo_schema in rows:
         remote_schema = remote_schemas.get(name) if external else remote_powa.schema
@@ -134,8 +132,8 @@ def _sources_5(
         rendered, cleanup_problem = render_cleanup(cleanup, remote_schemas)
         sources.append(Source(
             name=str(name), query_source=str(source or ""), function_name=str(function),
-            remote_function=(sql.Identifier(remote_schema, source)
-                             if source and remote_schema else None),
+            remote_function=(str(remote_schema), str(source))
+                            if source and remote_schema else None,
             target=(str(local_schema), f"{source}_tmp") if source and local_schema else None,
             cleanup=rendered, problem=problem, cleanup_problem=cleanup_problem,
         ))
