@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import simplejson as json
@@ -100,6 +101,53 @@ def test_a_change_that_may_wait_is_written_once_with_the_next(
             written = messages(1.0)
             assert [m.get("snapshot_in_progress") for m in written] == [True]
             assert time.monotonic() - started >= 0.5
+        finally:
+            publisher.close()
+            pubsub.close()
+
+
+def times_scheduled(thread_id: int) -> int:
+    """How many times the kernel ran this thread (its third /proc schedstat field)."""
+    return int(Path(f"/proc/self/task/{thread_id}/schedstat").read_text().split()[2])
+
+
+def test_the_next_start_is_written_without_waking_the_thread(
+    redis_server: sandbox.RedisServer,
+) -> None:
+    """The thread plans to be awake when the next snapshot's start is due: that start
+    costs it no wake-up; its end, a moment later, wakes it once for the write."""
+    url, prefix = redis_server.url, "pub-expected"
+    publisher = StatusPublisher(url, prefix, SRVID, ttl=30, host="alpha")
+    with client(url) as connection:
+        pubsub = connection.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(status_channel(prefix))
+
+        def next_message(timeout: float) -> dict[str, Any] | None:
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                # None for the subscription's confirmation too
+                if (message := pubsub.get_message(timeout=left)) is not None:
+                    return dict(json.loads(message["data"]))
+            return None
+
+        publisher.start()
+        try:
+            start_due = time.monotonic() + 1.0
+            publisher.update(document("running", "alpha"), expected=start_due + 0.5)
+            assert (found := next_message(2.0)) and found["status"] == "running"
+            assert publisher.native_id is not None
+            time.sleep(0.2)
+            before = times_scheduled(publisher.native_id)
+            time.sleep(max(0.0, start_due - time.monotonic()))
+            publisher.update({**document("running", "alpha"), "snapshot_in_progress": True},
+                             within=0.5)
+            time.sleep(0.2)
+            assert times_scheduled(publisher.native_id) == before
+            # written when the thread wakes as planned (by the start's time at the latest)
+            found = next_message(2.0)
+            assert found is not None and found["snapshot_in_progress"] is True
+            assert time.monotonic() <= start_due + 0.5 + 1.0
+            assert times_scheduled(publisher.native_id) > before
         finally:
             publisher.close()
             pubsub.close()

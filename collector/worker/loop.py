@@ -49,7 +49,7 @@ from collector.worker.databases import CatalogRefresh
 from collector.worker.failures import Failures
 from collector.worker.gate import ForceGate
 from collector.worker.link import RemoteLink
-from collector.worker.reporter import Reporter
+from collector.worker.reporter import START_WRITE_WITHIN, Reporter
 from collector.worker.schedule import Schedule
 from collector.worker.snapshot import SnapshotResult
 from collector.worker.state import ServerState
@@ -57,9 +57,6 @@ from collector.worker.taker import Taker
 from collector.worker.watchdog import Watchdog
 
 log = logging.getLogger("collector.worker")
-
-#: a snapshot's start is in Redis within this (seconds), unless its end comes first
-START_WRITE_WITHIN = 1.0
 
 #: the main loop wakes at least this often, even with nothing to do (signals,
 #: commands and a dying remote connection wake it at once anyway)

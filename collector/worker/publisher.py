@@ -79,6 +79,9 @@ class StatusPublisher(threading.Thread):
         self._write_by = float("inf")
         #: when the thread wakes by itself next (monotonic; 0: it is not waiting yet)
         self._wake_at = 0.0
+        #: the thread is awake by then anyway (the next snapshot's start may be written
+        #: by then): a change handed over for no earlier need not wake it
+        self._expected = float("inf")
         #: the document last written, as handed over (no "updated_at")
         self._published: dict[str, Any] | None = None
         #: when the key must be written again for its TTL, even unchanged
@@ -97,15 +100,20 @@ class StatusPublisher(threading.Thread):
         #: pid of the other worker that owns this server's status, while one does
         self._other: bytes | None = None
 
-    def update(self, document: dict[str, Any], within: float = 0.0) -> None:
+    def update(self, document: dict[str, Any], within: float = 0.0,
+               expected: float = float("inf")) -> None:
         """Hand over a new status (non-blocking); the thread writes it.
 
         ``within``: it may wait that many seconds, and be replaced meanwhile
         (a snapshot's start, followed a moment later by its end: one write).
+        ``expected``: when the next change that may wait is due to be written
+        (monotonic; the next snapshot's start plus its ``within``).  The thread
+        plans to be awake then, so that change costs it no wake-up of its own.
         """
         with self._lock:
             self._document = dict(document)
             self._write_by = min(self._write_by, time.monotonic() + within)
+            self._expected = expected
             # the thread already plans to wake by then: no need to wake it now
             wake = self._write_by < self._wake_at
         if wake:
@@ -115,8 +123,11 @@ class StatusPublisher(threading.Thread):
         delay = 0.0
         while not self._stopping.is_set():
             with self._lock:
-                due = min(self._write_by, self._heartbeat_at)
-                self._wake_at = time.monotonic() + delay if delay else due
+                now = time.monotonic()
+                if self._expected <= now:
+                    self._expected = float("inf")
+                due = min(self._write_by, self._heartbeat_at, self._expected)
+                self._wake_at = now + delay if delay else due
             self._changed.wait(delay or max(0.0, due - time.monotonic()))
             self._changed.clear()
             if self._stopping.is_set():

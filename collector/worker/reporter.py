@@ -22,6 +22,9 @@ from collector.worker.state import ServerState, result_fields
 
 log = logging.getLogger("collector.worker")
 
+#: a snapshot's start is in Redis within this (seconds), unless its end comes first
+START_WRITE_WITHIN = 1.0
+
 
 class Reporter:
     def __init__(self, state: ServerState, gate: ForceGate, events: Dispatcher) -> None:
@@ -56,7 +59,12 @@ class Reporter:
     def quick(self, status: str, within: float = 0.0) -> None:
         """Hand a document to the publishing thread only (safe from any thread)."""
         if self.publisher is not None:
-            self.publisher.update(self.document(status), within)
+            # the thread plans to be awake when the next snapshot's start must be
+            # written: that start does not wake it (its end does, a moment later)
+            schedule = self.schedule
+            expected = (schedule.next_due + START_WRITE_WITHIN if schedule is not None
+                        else float("inf"))
+            self.publisher.update(self.document(status), within, expected)
 
     def error(self, text: str) -> None:
         """Record an error, logged once while it stays the same."""
