@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import simplejson as json
 from collector.demo import sandbox
 from collector.keys import client, owner_key, status_channel, status_key
 from collector.worker.publisher import StatusPublisher
+from tests.helpers import wait_for
 
 SRVID = 7
 
@@ -151,3 +154,39 @@ def test_the_next_start_is_written_without_waking_the_thread(
         finally:
             publisher.close()
             pubsub.close()
+
+
+def test_a_snapshots_end_is_written_by_the_caller_while_redis_answers(
+    redis_server: sandbox.RedisServer,
+) -> None:
+    """write_now() writes in the caller's thread; once Redis stopped answering it hands
+    over to the thread at once, instead of holding the caller for a socket timeout."""
+    url, prefix = redis_server.url, "pub-inline"
+    publisher = StatusPublisher(url, prefix, SRVID, ttl=30, host="alpha")
+    publisher.start()
+    try:
+        publisher.update(document("running", "alpha"))
+        assert publisher.written.wait(5)
+        assert publisher.native_id is not None
+        time.sleep(0.2)
+        before = times_scheduled(publisher.native_id)
+        publisher.write_now({**document("running", "alpha"), "last_snapshot_rows": 1})
+        # in Redis as it returns, and the thread never ran for it
+        assert stored(url, prefix)["last_snapshot_rows"] == 1
+        assert times_scheduled(publisher.native_id) == before
+        assert redis_server.process is not None
+        os.kill(redis_server.process.pid, signal.SIGSTOP)
+        try:
+            publisher.update({**document("running", "alpha"), "last_snapshot_rows": 2})
+            # the thread's write times out (the client's 2 s), then it backs off
+            wait_for(lambda: not publisher._answering, 10, "the thread's write to fail")
+            started = time.monotonic()
+            publisher.write_now({**document("running", "alpha"), "last_snapshot_rows": 3})
+            assert time.monotonic() - started < 0.5
+        finally:
+            os.kill(redis_server.process.pid, signal.SIGCONT)
+        # Redis answers again: the thread writes the latest
+        wait_for(lambda: stored(url, prefix).get("last_snapshot_rows") == 3, 15,
+                 "the latest status to be written")
+    finally:
+        publisher.close()

@@ -58,6 +58,10 @@ return 0
 """
 
 
+#: woken by its own plan, the thread also writes what is due this much later (seconds)
+PLANNED_EARLY = 0.5
+
+
 class StatusPublisher(threading.Thread):
     """Keeps the latest status document of a worker in Redis."""
 
@@ -90,6 +94,10 @@ class StatusPublisher(threading.Thread):
         self._backoff = Backoff(initial=0.5, maximum=self.heartbeat)
         #: set once a document is in Redis; tests and the final write wait on it
         self.written = threading.Event()
+        #: held by whoever writes: the thread, or the caller of write_now()
+        self._writing = threading.Lock()
+        #: Redis answered the last write: write_now() may write in its caller's thread
+        self._answering = False
         self.pid = spawning.program_pid()
         #: this collector host ([fleet] host): statuses of a server move with its lease
         self.host = host
@@ -128,17 +136,48 @@ class StatusPublisher(threading.Thread):
                     self._expected = float("inf")
                 due = min(self._write_by, self._heartbeat_at, self._expected)
                 self._wake_at = now + delay if delay else due
-            self._changed.wait(delay or max(0.0, due - time.monotonic()))
+            woken = self._changed.wait(delay or max(0.0, due - time.monotonic()))
             self._changed.clear()
             if self._stopping.is_set():
                 break
             with self._lock:
-                if time.monotonic() < min(self._write_by, self._heartbeat_at):
+                # awake by its own plan, it writes what is due a moment later now:
+                # one wake-up, not two (a snapshot's start comes a little after its
+                # due time, and the thread planned to be awake then)
+                early = 0.0 if woken else PLANNED_EARLY
+                if time.monotonic() + early < min(self._write_by, self._heartbeat_at):
                     # a change that may wait: until its time, or the next change
                     delay = 0.0
                     continue
                 self._write_by = float("inf")
-            delay = 0.0 if self._write() else self._backoff.next_delay()
+            with self._writing:
+                written = self._write()
+            delay = 0.0 if written else self._backoff.next_delay()
+
+    def write_now(self, document: dict[str, Any], expected: float = float("inf")) -> None:
+        """A status written by the caller at once, when that cannot make it wait long.
+
+        For the end of a snapshot: the worker's main thread has just committed
+        it and is running, and a write there costs a fraction of what it costs
+        the thread woken for it (a thread waking from a sleep runs its first
+        few hundred microseconds several times slower).  Only while Redis
+        answered the last write and the thread is not writing; otherwise the
+        thread writes it, as any change.  A Redis that stops answering holds
+        the caller once, for the client's socket timeout (after the snapshot
+        is committed), then the thread takes over with its backoff.
+        """
+        if self._writing.acquire(blocking=False):
+            try:
+                if self._answering:
+                    with self._lock:
+                        self._document = dict(document)
+                        self._write_by = float("inf")
+                        self._expected = expected
+                    if self._write():
+                        return
+            finally:
+                self._writing.release()
+        self.update(document, 0.0, expected)
 
     def _write(self, force: bool = False) -> bool:
         """Write the latest document if it changed or a heartbeat is due; False if Redis failed."""
@@ -168,8 +207,10 @@ class StatusPublisher(threading.Thread):
                       "1" if document.get("status") == STATUS_RUNNING else "0"],
             )
         except redis.RedisError as exc:
+            self._answering = False
             self._outage.failed(exc)
             return False
+        self._answering = True
         # another worker's key is looked at again at the next heartbeat, as before
         self._heartbeat_at = now + self.heartbeat
         if owner is not None:
@@ -200,7 +241,8 @@ class StatusPublisher(threading.Thread):
         if final is not None:
             # bounded by the client's connect and socket timeouts
             self.update(final)
-            self._write(force=True)
+            with self._writing:
+                self._write(force=True)
         from collector.syncredis import redis  # noqa: PLC0415 - see keys.client
 
         # the next worker of this server (a restart) publishes at once

@@ -44,9 +44,10 @@ class Reporter:
     def document(self, status: str) -> dict[str, Any]:
         return self.state.document(status, self.gate.view(), self.schedule, time.monotonic())
 
-    def publish(self, status: str, within: float = 0.0) -> None:
+    def publish(self, status: str, within: float = 0.0, inline: bool = False) -> None:
         """The current status to Redis (within that many seconds); a change is logged
-        and told to the plugins at once."""
+        and told to the plugins at once.  ``inline``: written by this thread if Redis
+        is answering (see StatusPublisher.write_now)."""
         if status != self.last_status:
             if self.last_status is not None:
                 log.info("status: %s -> %s", self.last_status, status)
@@ -54,17 +55,21 @@ class Reporter:
                     **self.state.event(status), "previous_status": self.last_status,
                 })
             self.last_status = status
-        self.quick(status, within)
+        if inline and self.publisher is not None:
+            self.publisher.write_now(self.document(status), self._expected())
+        else:
+            self.quick(status, within)
 
     def quick(self, status: str, within: float = 0.0) -> None:
         """Hand a document to the publishing thread only (safe from any thread)."""
         if self.publisher is not None:
-            # the thread plans to be awake when the next snapshot's start must be
-            # written: that start does not wake it (its end does, a moment later)
-            schedule = self.schedule
-            expected = (schedule.next_due + START_WRITE_WITHIN if schedule is not None
-                        else float("inf"))
-            self.publisher.update(self.document(status), within, expected)
+            self.publisher.update(self.document(status), within, self._expected())
+
+    def _expected(self) -> float:
+        """When the next snapshot's start must be in Redis: the publishing thread plans
+        to be awake then, so that start does not have to wake it."""
+        schedule = self.schedule
+        return schedule.next_due + START_WRITE_WITHIN if schedule is not None else float("inf")
 
     def error(self, text: str) -> None:
         """Record an error, logged once while it stays the same."""
@@ -86,7 +91,8 @@ class Reporter:
         else:
             self.events.emit("snapshot_failed", {**self.state.event(status), **fields,
                                                  "error": self.state.last_error})
-        self.publish(status)
+        # this thread is running: writing the end here is cheaper than waking the thread
+        self.publish(status, inline=True)
 
     def close(self) -> None:
         """The final ``stopped`` status (plugins hear of it before they are closed)."""
