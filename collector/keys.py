@@ -100,7 +100,8 @@ def alive_key(prefix: str, host: str) -> str:
     return f"{prefix}:programs-alive:{host}"
 
 
-def client(url: str, socket_timeout: float = 2.0) -> redis.Redis:
+def client(url: str, socket_timeout: float = 2.0, health_check_interval: int = 15,
+           ) -> redis.Redis:
     """A Redis client that fails fast instead of hanging when Redis is away."""
     # imported on first use: a --once worker never talks to Redis, and saves the time
     from collector.syncredis import redis  # noqa: PLC0415
@@ -109,7 +110,7 @@ def client(url: str, socket_timeout: float = 2.0) -> redis.Redis:
         url,
         socket_connect_timeout=1.0,
         socket_timeout=socket_timeout,
-        health_check_interval=15,
+        health_check_interval=health_check_interval,
         retry_on_timeout=False,
     )
 

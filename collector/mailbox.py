@@ -49,7 +49,9 @@ log = logging.getLogger(__name__)
 #: how long a reply waits for its reader
 REPLY_TTL = 30
 #: a blocked pop costs nothing; waking up often would, times hundreds of workers
-POP_TIMEOUT = 30
+#: (each wake-up, a new pop, costs a worker about 0.6 ms of CPU).  A Redis that
+#: restarts resets the connection at once; only a silently vanished one waits this
+POP_TIMEOUT = 120
 #: a request no worker read by then is dropped by Redis
 REQUEST_TTL = 30
 
@@ -138,8 +140,9 @@ class Listener(threading.Thread):
                  key: bytes) -> None:
         super().__init__(name=f"commands-{srvid}", daemon=True)
         self.secret = key
-        # the socket timeout must outlast the blocking pop
-        self.redis = client(url, socket_timeout=POP_TIMEOUT + 3)
+        # the socket timeout must outlast the blocking pop, which checks the
+        # connection's health by itself (no PING before each pop)
+        self.redis = client(url, socket_timeout=POP_TIMEOUT + 3, health_check_interval=0)
         self.key = commands_key(prefix, srvid)
         self.reply_pattern = re.compile(re.escape(prefix) + r":reply:[A-Za-z0-9_-]{1,64}")
         self.handler = handler
