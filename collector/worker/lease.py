@@ -23,11 +23,16 @@ from collector import hosts
 from collector.errors import LeaseHeldError, SnapshotTooSoon
 from collector.pg import Conn, PowaExtension, composed
 
-_HOLDER = """
-SELECT a.application_name
-  FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
- WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objid = %s AND l.objsubid = 2
-   AND l.granted
+#: the lease's holder (its session's application_name; NULL: nobody) and the age of
+#: the server's last snapshot (NULL: none), in one round trip
+_CHECK = """
+SELECT (SELECT a.application_name
+          FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+         WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objid = %s
+           AND l.objsubid = 2 AND l.granted
+         LIMIT 1),
+       (SELECT extract(epoch FROM pg_catalog.now() - snapts)::float8 FROM {}
+         WHERE srvid = %s AND snapts > '-infinity')
 """
 
 
@@ -40,18 +45,19 @@ class LeaseCheck:
 
     def __call__(self, repo: Conn, powa: PowaExtension) -> None:
         """Raise LeaseHeldError or SnapshotTooSoon when this snapshot must not be taken."""
-        row = repo.execute(_HOLDER, (hosts.LEASE_CLASS, self.srvid)).fetchone()
-        holder = hosts.lease_holder(str(row[0] or "")) if row else None
-        if row is not None and holder != self.host:
-            raise LeaseHeldError(self.srvid, holder or f"unknown ({row[0]!r})")
+        query = composed(repo, ("lease check", powa.schema), lambda: sql.SQL(_CHECK).format(
+            powa.name("powa_snapshot_metas")))
+        row = repo.execute(query, (hosts.LEASE_CLASS, self.srvid, self.srvid)).fetchone()
+        assert row is not None
+        name, age = row
+        if name is not None:
+            holder = hosts.lease_holder(str(name))
+            if holder != self.host:
+                raise LeaseHeldError(self.srvid, holder or f"unknown ({name!r})")
         if self.forced:
             return
-        age = repo.execute(composed(repo, ("snapshot age", powa.schema), lambda: sql.SQL(
-            "SELECT extract(epoch FROM pg_catalog.now() - snapts)::float8 FROM {}"
-            " WHERE srvid = %s AND snapts > '-infinity'").format(
-                powa.name("powa_snapshot_metas"))), (self.srvid,)).fetchone()
-        if age is not None and age[0] is not None and float(age[0]) < self.frequency / 2:
+        if age is not None and float(age) < self.frequency / 2:
             raise SnapshotTooSoon(
-                f"the last snapshot of server {self.srvid} is {float(age[0]):.0f}s old, less than"
+                f"the last snapshot of server {self.srvid} is {float(age):.0f}s old, less than"
                 f" half its period of {self.frequency:.0f}s: another collector took it",
-                float(age[0]))
+                float(age))
