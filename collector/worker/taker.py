@@ -23,7 +23,6 @@ from collector.errors import (
     SnapshotAborted,
     SnapshotTooSoon,
 )
-from collector.logs import one_line
 from collector.pg import Conn
 from collector.worker.databases import CatalogRefresh
 from collector.worker.failures import Failures
@@ -84,19 +83,10 @@ class RepositorySession:
 
     def done(self, conn: Conn, statement_timeout: float, frequency: int, stored: bool) -> None:
         """The snapshot is over: keep the session for the next one, or close it."""
+        # the snapshot gave the session its name back (see Snapshot._take)
         if stored and frequency < self.cfg.repository.keep_session_below and _reusable(conn):
-            try:
-                # powa_take_snapshot names the session 'PoWA - snapshot finished'
-                # (upstream names it back too): ours again, outside any transaction
-                conn.autocommit = True
-                conn.execute("SELECT pg_catalog.set_config('application_name', %s, false)",
-                             (repository.session_name(f"worker {self.srvid}"),))
-                conn.autocommit = False
-            except psycopg.Error as exc:
-                log.info("repository session closed after the snapshot: %s", one_line(exc))
-            else:
-                self._kept = (conn, statement_timeout)
-                return
+            self._kept = (conn, statement_timeout)
+            return
         conn.close()
 
     def close(self) -> None:
