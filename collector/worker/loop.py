@@ -254,7 +254,8 @@ class Worker:
             result = self._attempt(forced)
         finally:
             self.gate.end()
-            self.watchdog.disarm()
+            # the next scheduled snapshot's remote deadline is a period after its start
+            self.watchdog.disarm(quiet_until=self.schedule.next_due + self.schedule.frequency)
             self.reporter.snapshot(result, self.current_status())
         return result
 

@@ -78,6 +78,8 @@ class Watchdog(threading.Thread, Guard):
         self._closing = False
         #: when the thread wakes next by itself (0: it is about to look anyway)
         self._planned = 0.0
+        #: the next snapshot's deadlines come no earlier than this (see disarm)
+        self._quiet_until = 0.0
 
     # ---------------------------------------------------------------- the worker's side
     def arm(self, remote: RemoteSession, repo_deadline: float) -> None:
@@ -95,10 +97,14 @@ class Watchdog(threading.Thread, Guard):
         if wake:
             self._wakeup.notify()
 
-    def disarm(self) -> None:
+    def disarm(self, quiet_until: float = 0.0) -> None:
+        """The snapshot is over.  ``quiet_until``: no deadline of the next one comes
+        earlier (monotonic); the thread plans to wake then, so that arming the next
+        snapshot costs it no wake-up (an earlier deadline still wakes it)."""
         with self._lock:
             self._remote = self._repo = None
             self._remote_watched = False
+            self._quiet_until = quiet_until
 
     def close(self) -> None:
         self._closing = True
@@ -148,6 +154,8 @@ class Watchdog(threading.Thread, Guard):
         """When check() may next have something to do, as it stands (under the lock)."""
         flags = self.flags
         times = [now + self.IDLE_WAKE]
+        if self._quiet_until > now:
+            times.append(self._quiet_until)
         if flags.stop and not self._stop_seen:
             times.append(now)
         # the same conditions as the actions', so that a wake-up finds one due

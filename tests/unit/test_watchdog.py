@@ -64,6 +64,27 @@ def test_it_wakes_at_the_remote_deadline_then_for_the_abort(dog: Watchdog) -> No
     assert next_check(dog, 161.0) == 161.0 + Watchdog.IDLE_WAKE
 
 
+def test_after_a_snapshot_it_sleeps_until_the_next_ones_earliest_deadline(
+    dog: Watchdog,
+) -> None:
+    """Arming the next scheduled snapshot, whose deadlines come no earlier, plans no
+    earlier wake-up (it would cost one); an earlier deadline (a forced snapshot) does."""
+    dog.disarm(quiet_until=200.0)
+    assert next_check(dog, 100.0) == 200.0
+    dog.arm(cast(RemoteSession, FakeRemote()), repo_deadline=400.0)
+    dog.watch_repository(cast(Any, object()))
+    dog.remote_begin(deadline=201.0)
+    assert next_check(dog, 150.0) == 200.0
+    # awake then: the snapshot still runs, its own deadline is next
+    assert next_check(dog, 200.0) == 201.0
+    dog.disarm(quiet_until=300.0)
+    dog.arm(cast(RemoteSession, FakeRemote()), repo_deadline=400.0)
+    dog.remote_begin(deadline=220.0)
+    assert next_check(dog, 210.0) == 220.0
+    dog.disarm()
+    assert next_check(dog, 230.0) == 230.0 + Watchdog.IDLE_WAKE
+
+
 def test_a_stop_brings_the_wake_up_to_the_end_of_its_grace(dog: Watchdog) -> None:
     dog.arm(cast(RemoteSession, FakeRemote()), repo_deadline=1e12)
     dog.remote_begin(deadline=1e12)
