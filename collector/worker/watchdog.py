@@ -48,6 +48,10 @@ class Watchdog(threading.Thread, Guard):
 
     ABORT_AFTER = 5.0
     IDLE_WAKE = 600.0
+    #: it wakes this much before the next snapshot's earliest deadline (see disarm):
+    #: that deadline is the start of the snapshot after it, when the main thread
+    #: wakes too, and the two would contend for the GIL
+    QUIET_MARGIN = 0.5
     #: the shortest sleep: a deadline found already past (set while the thread
     #: looked) is acted on that much later, and an action that keeps failing
     #: is not retried in a tight loop
@@ -99,8 +103,8 @@ class Watchdog(threading.Thread, Guard):
 
     def disarm(self, quiet_until: float = 0.0) -> None:
         """The snapshot is over.  ``quiet_until``: no deadline of the next one comes
-        earlier (monotonic); the thread plans to wake then, so that arming the next
-        snapshot costs it no wake-up (an earlier deadline still wakes it)."""
+        earlier (monotonic); the thread plans to wake a little before, so that arming
+        the next snapshot costs it no wake-up (an earlier deadline still wakes it)."""
         with self._lock:
             self._remote = self._repo = None
             self._remote_watched = False
@@ -154,8 +158,8 @@ class Watchdog(threading.Thread, Guard):
         """When check() may next have something to do, as it stands (under the lock)."""
         flags = self.flags
         times = [now + self.IDLE_WAKE]
-        if self._quiet_until > now:
-            times.append(self._quiet_until)
+        if self._quiet_until - self.QUIET_MARGIN > now:
+            times.append(self._quiet_until - self.QUIET_MARGIN)
         if flags.stop and not self._stop_seen:
             times.append(now)
         # the same conditions as the actions', so that a wake-up finds one due
