@@ -352,16 +352,16 @@ class Snapshot:
     def _take(self, powa: PowaExtension, data: psycopg.Transaction) -> None:
         """powa_take_snapshot(N); if it fails, roll back every copied row, keep the error."""
         try:
-            # powa_take_snapshot renames the session ('PoWA - snapshot finished'); it
-            # gets its name back in the same statement (a kept session is ours again)
+            # powa_take_snapshot renames the session ('PoWA - snapshot finished'): it gets
+            # its name back in the same statement.  No savepoint of its own (two round
+            # trips): a failure rolls back to ``data``'s.
             name = self.repo.info.parameter_status("application_name") or ""
-            with self.repo.transaction():
-                row = self.repo.execute(composed(
-                    self.repo, ("take", powa.schema), lambda: sql.SQL(
-                        "SELECT t.errors, pg_catalog.set_config('application_name', %s, false)"
-                        " FROM (SELECT {}(%s) AS errors OFFSET 0) AS t",
-                    ).format(powa.name("powa_take_snapshot")),
-                ), (name, self.srvid)).fetchone()
+            row = self.repo.execute(composed(
+                self.repo, ("take", powa.schema), lambda: sql.SQL(
+                    "SELECT t.errors, pg_catalog.set_config('application_name', %s, false)"
+                    " FROM (SELECT {}(%s) AS errors OFFSET 0) AS t",
+                ).format(powa.name("powa_take_snapshot")),
+            ), (name, self.srvid)).fetchone()
         except psycopg.Error as exc:
             if self.repo.broken:
                 raise
